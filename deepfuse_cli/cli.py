@@ -1,0 +1,415 @@
+"""Command-line interface: a thin typer layer. No fusion logic lives here.
+
+Errors raised as DeepfuseError become one line on stderr and their exit code (2 bad input,
+1 verification failed); set DEEPFUSE_DEBUG=1 for a traceback. Data goes to stdout (tables,
+``--json``), progress and notes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import DeepfuseError, UsageError
+
+app = typer.Typer(
+    name="deepfuse",
+    help="Deep Fusion checkpoint surgery: fuse trained checkpoints into one wider model whose hidden state "
+    "is the concatenation of theirs and whose output is the average of theirs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+rules_app = typer.Typer(help="List, show and check fusion rule presets and rules files.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(exc: DeepfuseError) -> None:
+    err.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
+    if exc.hint:
+        err.print(f"[yellow]hint:[/] {exc.hint}", markup=True, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def command(fn):
+    """Turn library errors into a one-line message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DeepfuseError as exc:
+            if os.environ.get("DEEPFUSE_DEBUG"):
+                raise
+            _fail(exc)
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ---- shared options -------------------------------------------------------------------------
+RulesOpt = Annotated[Optional[str], typer.Option("--rules", help="Preset name or rules file (default: detected from config.json).")]
+NormOpt = Annotated[str, typer.Option("--norm", help="Norm mode: 'rule' (stock runtime) or 'prop' (grouped norms, exact).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Comma-separated positive weights, one per source (normalised to sum 1).")]
+NoiseStdOpt = Annotated[float, typer.Option("--noise-std", help="Absolute std of off-diagonal noise (0: exact zeros).")]
+NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", help="Off-diagonal noise std relative to the RMS of that tensor's source blocks.")]
+NoiseModeOpt = Annotated[str, typer.Option("--noise-mode", help="'offdiag' or 'preserving' (self-fusion: compensated, function unchanged).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for noise; output bytes depend only on inputs, options and seed.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: keep, float32, bfloat16 or float16.")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB or bytes.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and write nothing.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or notes.")]
+OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Output directory (must not exist, unless --force).")]
+StepOpt = Annotated[Optional[int], typer.Option("--step", help="T5X/Orbax: the step to read (default: latest).")]
+
+
+def _parse_weights(raw: str | None) -> list[float] | None:
+    if raw is None:
+        return None
+    try:
+        return [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--weights {raw!r} is not a comma-separated list of numbers", "e.g. --weights 0.25,0.75") from None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_size(raw: str) -> int:
+    """'5GB' (decimal, as huggingface_hub counts), '4GiB' (binary) or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", raw.upper())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise UsageError(f"--max-shard-size {raw!r} is not a size", "e.g. 5GB, 500MB, 4GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, self_fusion):
+    from .plan import DTYPES, FuseOptions, normalise_weights
+
+    if norm not in ("rule", "prop"):
+        raise UsageError(f"--norm {norm!r}: choose 'rule' or 'prop'")
+    if noise_mode not in ("offdiag", "preserving"):
+        raise UsageError(f"--noise-mode {noise_mode!r}: choose 'offdiag' or 'preserving'")
+    if dtype != "keep" and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose keep, {', '.join(DTYPES)}")
+    for flag, v in (("--noise-std", noise_std), ("--noise-scale", noise_scale)):
+        if not (v >= 0) or v == float("inf"):
+            raise UsageError(f"{flag} {v}: noise must be a finite number >= 0")
+    w, rescaled = normalise_weights(_parse_weights(weights), n)
+    opts = FuseOptions(weights=w, norm=norm, noise_std=noise_std, noise_scale=noise_scale, noise_mode=noise_mode,
+                       seed=seed, dtype=None if dtype == "keep" else DTYPES[dtype],
+                       max_shard_size=_parse_size(max_shard_size), self_fusion=self_fusion)
+    return opts, rescaled
+
+
+def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed,
+           dtype, max_shard_size, step=None):
+    from .formats import open_checkpoint
+    from .plan import build_plan
+    from .rules import load_rules
+
+    if times is not None:
+        sources = [open_checkpoint(paths[0], step=step)] * times
+    else:
+        sources = [open_checkpoint(p, step=step) for p in paths]
+    opts, rescaled = _options(len(sources), weights, norm, noise_std, noise_scale, noise_mode, seed, dtype,
+                              max_shard_size, self_fusion=times is not None)
+    preset = load_rules(rules) if rules else None
+    return build_plan(sources, opts, preset, weights_rescaled=rescaled)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    from .plan import role_summary
+
+    if as_json:
+        out.print_json(json.dumps(plan.to_json()))
+        return
+    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}"
+                  f"{' (self-fusion)' if plan.options.self_fusion else ''}, norm={plan.options.norm}",
+                  caption=f"{len(plan.entries)} tensors, {_human(plan.total_bytes)} to write; "
+                          f"peak memory ~{_human(plan.peak_memory)}; disk needed ~{_human(plan.disk_needed)}")
+    for col in ("tensor", "rule", "op", "axes (* widened)", "sources -> fused", "dtype", "bytes"):
+        table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
+    for e in plan.entries:
+        shapes = " + ".join("x".join(map(str, s)) for s in dict.fromkeys(e.source_shapes))
+        if len(set(e.source_shapes)) == 1 and plan.n > 1:
+            shapes = f"{plan.n} x [{shapes}]"
+        table.add_row(e.name, str(e.rule_index), e.rule.op + (" +noise" if e.noise else ""), role_summary(e.rule),
+                      f"{shapes} -> {'x'.join(map(str, e.shape))}", str(e.dtype).removeprefix("torch."),
+                      _human(e.nbytes))
+    out.print(table)
+    for note in plan.notes:
+        err.print(f"note: {note}", highlight=False)
+
+
+def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool) -> None:
+    from .fuse import write_plan
+
+    if not quiet:
+        for note in plan.notes:
+            err.print(f"note: {note}", highlight=False)
+    show = not quiet and err.is_terminal
+    start = time.perf_counter()
+    if show:
+        with Progress(TextColumn("[bold]fusing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
+            task = bar.add_task("", total=plan.total_bytes)
+            result = write_plan(plan, output, force=force,
+                                progress=lambda e: bar.update(task, advance=e.nbytes, description=e.name))
+    else:
+        result = write_plan(plan, output, force=force)
+    elapsed = time.perf_counter() - start
+    summary = {"output": str(result.output), "tensors": len(plan.entries), "bytes": result.total_bytes,
+               "files": result.files, "seconds": round(elapsed, 3), "n": plan.n, "preset": plan.preset.name,
+               "notes": plan.notes}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    elif not quiet:
+        shards = sum(1 for f in result.files if f.endswith(".safetensors"))
+        err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {shards} "
+                  f"shard(s) in {elapsed:.1f} s", highlight=False)
+
+
+# ---- commands -------------------------------------------------------------------------------
+@app.command()
+@command
+def fuse(
+    sources: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
+    rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
+    noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
+    max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, step: StepOpt = None,
+):
+    """Fuse different models: hidden state = concatenation, output = (weighted) average.
+
+    Example: deepfuse fuse a/ b/ -o fused/ --norm prop --weights 0.25,0.75
+    """
+    if len(sources) < 2:
+        raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
+    plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
+    if dry_run:
+        _print_plan(plan, as_json)
+        return
+    if output is None:
+        raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
+    _run(plan, output, force, quiet, as_json)
+
+
+@app.command("self-fuse")
+@command
+def self_fuse(
+    source: Annotated[Path, typer.Argument(help="The checkpoint to widen.")],
+    times: Annotated[int, typer.Option("--times", help="Number of copies K >= 2.")] = 2,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
+    rules: RulesOpt = None, norm: NormOpt = "rule", noise_std: NoiseStdOpt = 0.0, noise_scale: NoiseScaleOpt = 0.0,
+    noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB",
+    dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    step: StepOpt = None,
+):
+    """Widen one model K times: computes exactly the source's function (the paper's self deep fusion).
+
+    Example: deepfuse self-fuse small/ --times 2 -o big/ --noise-scale 0.01 --noise-mode preserving
+    """
+    if times < 2:
+        raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
+    plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
+    if dry_run:
+        _print_plan(plan, as_json)
+        return
+    if output is None:
+        raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
+    _run(plan, output, force, quiet, as_json)
+
+
+@app.command("plan")
+@command
+def plan_cmd(
+    sources: Annotated[list[Path], typer.Argument(help="Checkpoints to fuse (one with --times for self-fusion).")],
+    times: Annotated[Optional[int], typer.Option("--times", help="Self-fusion: number of copies.")] = None,
+    rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
+    noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
+    max_shard_size: ShardOpt = "5GB", as_json: JsonOpt = False, step: StepOpt = None,
+):
+    """Show every output tensor (rule, op, shapes, dtype, bytes), totals, peak memory and disk needed.
+
+    Example: deepfuse plan a/ b/ --json
+    """
+    if times is not None:
+        if len(sources) != 1 or times < 2:
+            raise UsageError("--times needs exactly one source and K >= 2")
+    elif len(sources) < 2:
+        raise UsageError("plan needs two or more sources, or one with --times K")
+    plan = _build(sources, times, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
+    _print_plan(plan, as_json)
+
+
+@app.command()
+@command
+def inspect(
+    model: Annotated[Path, typer.Argument(help="A checkpoint (directory or file).")],
+    rules: RulesOpt = None, as_json: JsonOpt = False, step: StepOpt = None,
+):
+    """List tensors, shapes, dtypes, the detected family and the rule claiming each tensor."""
+    from .formats import open_checkpoint
+    from .rules import RuleSet, load_rules, preset_for_config
+
+    ck = open_checkpoint(model, step=step)
+    preset = None
+    family_error = None
+    try:
+        preset = load_rules(rules) if rules else preset_for_config(ck.config, str(model))
+    except DeepfuseError as exc:
+        family_error = exc.message
+    ruleset = RuleSet(preset) if preset else None
+    rows = []
+    for ref in ck:
+        ms = ruleset.claims(ref.name) if ruleset else []
+        rows.append({"name": ref.name, "shape": list(ref.shape), "dtype": str(ref.dtype).removeprefix("torch."),
+                     "bytes": ref.nbytes, "rules": [m.index for m in ms], "op": ms[0].rule.op if len(ms) == 1 else None})
+    info = {"path": str(ck.path), "format": ck.format, "family": preset.name if preset else None,
+            "family_error": family_error, "tensors": rows, "total_bytes": ck.total_bytes,
+            "model_type": (ck.config or {}).get("model_type")}
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title=f"{ck.path} ({ck.format}, family: {info['family'] or 'unknown'})",
+                  caption=f"{len(rows)} tensors, {_human(ck.total_bytes)}")
+    for col in ("tensor", "shape", "dtype", "bytes", "rule", "op"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        rule = ", ".join(map(str, r["rules"])) if r["rules"] else ("[red]none[/]" if ruleset else "-")
+        table.add_row(r["name"], "x".join(map(str, r["shape"])) or "scalar", r["dtype"], _human(r["bytes"]), rule,
+                      r["op"] or "")
+    out.print(table)
+    if family_error:
+        err.print(f"note: {family_error}", highlight=False)
+
+
+@rules_app.command("list")
+@command
+def rules_list(as_json: JsonOpt = False):
+    """List the built-in presets."""
+    from .rules import list_presets, load_preset
+
+    presets = [load_preset(n) for n in list_presets()]
+    if as_json:
+        out.print_json(json.dumps([{"name": p.name, "model_types": p.model_types, "rules": len(p.rules),
+                                    "description": p.description} for p in presets]))
+        return
+    table = Table(title="deepfuse presets")
+    for col in ("name", "model_type", "rules", "description"):
+        table.add_column(col, overflow="fold")
+    for p in presets:
+        table.add_row(p.name, ", ".join(p.model_types), str(len(p.rules)), p.description)
+    out.print(table)
+
+
+@rules_app.command("show")
+@command
+def rules_show(name: Annotated[str, typer.Argument(help="Preset name or rules file.")], as_json: JsonOpt = False):
+    """Show a preset's rules (``--json``: the file itself, a template for your own)."""
+    from .rules import OPS, load_rules
+    from .plan import role_summary
+
+    p = load_rules(name)
+    if as_json:
+        out.print_json(json.dumps(p.model_dump(mode="json", exclude_defaults=True)))
+        return
+    table = Table(title=f"{p.name}: {p.description}")
+    for col in ("#", "pattern", "op", "axes (* widened)", "flags"):
+        table.add_column(col, overflow="fold")
+    for i, r in enumerate(p.rules):
+        flags = ", ".join(f for f, on in (("optional", r.optional), ("norm", r.norm)) if on)
+        if r.input_axis is not None:
+            flags = ", ".join(filter(None, [flags, f"input_axis={r.input_axis}"]))
+        table.add_row(str(i), r.pattern, r.op, role_summary(r), flags)
+    out.print(table)
+    for op, text in OPS.items():
+        err.print(f"  {op}: {text}", highlight=False)
+
+
+@rules_app.command("check")
+@command
+def rules_check(
+    name: Annotated[str, typer.Argument(help="Preset name or rules file.")],
+    model: Annotated[Optional[Path], typer.Argument(help="A checkpoint to check coverage against.")] = None,
+    as_json: JsonOpt = False, step: StepOpt = None,
+):
+    """Validate a rules file; with MODEL, check every tensor is claimed by exactly one rule and every rule is used."""
+    from .errors import RuleError
+    from .formats import open_checkpoint
+    from .plan import _virtualise_output
+    from .rules import RuleSet, load_rules
+
+    preset = load_rules(name)
+    report = {"rules": preset.name, "valid": True, "unmatched": [], "ambiguous": {}, "unused": []}
+    if model is not None:
+        ck = open_checkpoint(model, step=step)
+        refs, _ = _virtualise_output(ck, 0, preset)
+        _, unmatched, ambiguous, unused = RuleSet(preset).coverage(list(refs))
+        report.update(unmatched=unmatched, ambiguous={k: [m.index for m in v] for k, v in ambiguous.items()},
+                      unused=[{"index": i, "pattern": preset.rules[i].pattern} for i in unused])
+    ok = not (report["unmatched"] or report["ambiguous"] or report["unused"])
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        err.print(f"rules {preset.name}: valid ({len(preset.rules)} rules)", highlight=False)
+        for n in report["unmatched"]:
+            err.print(f"  unmatched tensor: {n}", highlight=False)
+        for n, idx in report["ambiguous"].items():
+            err.print(f"  tensor claimed by several rules {idx}: {n}", highlight=False)
+        for u in report["unused"]:
+            err.print(f"  rule {u['index']} claims nothing: {u['pattern']}", highlight=False)
+        if model is not None and ok:
+            err.print(f"  {model}: every tensor claimed by exactly one rule, every rule used", highlight=False)
+    if not ok:
+        raise RuleError(f"rules {preset.name} do not cover {model} one-to-one",
+                        "add or fix rules (unmatched / ambiguous), or mark unused rules optional")
+
+
+def version_callback(value: bool):
+    if value:
+        out.print(f"deepfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                              help="Show the version and exit.")] = False):
+    pass
+
+
+def run() -> None:  # console script entry point
+    app(prog_name="deepfuse")
+
+
+if __name__ == "__main__":
+    run()

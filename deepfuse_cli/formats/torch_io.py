@@ -1,0 +1,72 @@
+"""PyTorch pickles (``pytorch_model.bin``, ``.pt``): read with ``weights_only=True`` only.
+
+There is no fallback: a file that needs more than the restricted unpickler can run
+arbitrary code, so it is refused with the advice to convert it to safetensors.
+Files in the zip format (torch >= 1.6) are memory-mapped, so opening one does not read
+its tensors; legacy (non-zip) pickles are loaded whole, once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..ir import TensorRef
+
+
+def _flatten(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise InputError(
+            f"{path}: holds a {type(obj).__name__}, not a state dict of tensors",
+            "save the model's state_dict() (or convert it to safetensors)",
+        )
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise InputError(f"{path}: state dict key {k!r} is not a string")
+        if isinstance(v, torch.Tensor):
+            out[k] = v
+        else:
+            raise InputError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor",
+                "save only the model's state_dict() (or convert it to safetensors)",
+            )
+    return out
+
+
+def read_torch_file(path: Path) -> dict[str, TensorRef]:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({exc.strerror})") from None
+    if size == 0:
+        raise InputError(f"{path}: empty file, not a PyTorch checkpoint", "re-save or re-download it")
+    mmap = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first else "")
+        raise InputError(
+            f"{path}: refused: this pickle needs more than weights_only=True to load ({why.strip()[:200]})",
+            "only plain tensor state dicts are loaded; convert the checkpoint to safetensors in a trusted environment",
+        ) from None
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({msg[:200]})", "check the path, or re-save the file"
+        ) from None
+    tensors = _flatten(obj, path)
+    refs: dict[str, TensorRef] = {}
+    for name, t in tensors.items():
+        refs[name] = TensorRef(
+            name=name, shape=tuple(t.shape), dtype=t.dtype, loader=(lambda t=t: t), source=str(path)
+        )
+    return refs

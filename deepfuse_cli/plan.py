@@ -1,0 +1,399 @@
+"""The plan: every output tensor with its rule, sources, fused shape, dtype and bytes.
+
+Computed from the sources' metadata only (no tensor data is read, except to decide whether a
+present output projection is tied to the embedding), before any byte is written. All
+validation happens here: same family and tensor names, config fields that must agree, one
+rule per tensor, shapes on shared axes, option consistency. ``fuse`` executes a plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from . import architectures
+from .errors import InputError, UsageError
+from .ir import Checkpoint, TensorRef, dtype_size
+from .ops import FusionMismatch, fused_shape
+from .rules.engine import RuleSet, preset_digest, preset_for_config
+from .rules.schema import WIDENED_ROLES, Preset, Rule
+
+NormMode = Literal["rule", "prop"]
+NoiseMode = Literal["offdiag", "preserving"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    weights: tuple[float, ...]
+    norm: NormMode = "rule"
+    noise_std: float = 0.0
+    noise_scale: float = 0.0
+    noise_mode: NoiseMode = "offdiag"
+    seed: int = 0
+    dtype: torch.dtype | None = None  # None: keep the sources' dtype
+    max_shard_size: int | str = "5GB"
+    self_fusion: bool = False
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_std > 0 or self.noise_scale > 0
+
+    def describe_noise(self) -> dict[str, Any]:
+        return {"std": self.noise_std, "scale": self.noise_scale, "mode": self.noise_mode if self.noisy else "none"}
+
+
+def normalise_weights(raw: list[float] | None, n: int) -> tuple[tuple[float, ...], bool]:
+    """Weights summing to 1 (equal if not given); the flag says they were rescaled."""
+    if raw is None:
+        return tuple([1.0 / n] * n), False
+    if len(raw) != n:
+        raise UsageError(f"--weights has {len(raw)} values for {n} sources", "give one positive weight per source")
+    for w in raw:
+        if not (w > 0) or w != w or w == float("inf"):
+            raise UsageError(f"--weights: {w} is not a positive finite number", "weights must be > 0")
+    total = sum(raw)
+    rescaled = abs(total - 1.0) > 1e-9
+    return tuple(w / total for w in raw), rescaled
+
+
+@dataclass
+class PlanEntry:
+    name: str
+    rule_index: int
+    rule: Rule
+    source_shapes: list[tuple[int, ...]]
+    source_dtypes: list[torch.dtype]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    noise: bool  # off-diagonal noise applies to this tensor
+    scales: list[float] | None = None  # output_average: w_m * output_scale_m
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * dtype_size(self.dtype)
+
+    @property
+    def source_bytes(self) -> int:
+        total = 0
+        for shape, dt in zip(self.source_shapes, self.source_dtypes, strict=True):
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * dtype_size(dt)
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rule": self.rule_index,
+            "pattern": self.rule.pattern,
+            "op": self.rule.op,
+            "axes": self.rule.axes,
+            "source_shapes": [list(s) for s in self.source_shapes],
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "bytes": self.nbytes,
+            "noise": self.noise,
+        }
+
+
+@dataclass
+class Plan:
+    sources: list[Checkpoint]
+    preset: Preset
+    options: FuseOptions
+    entries: list[PlanEntry]
+    tensors: list[dict[str, TensorRef]]  # per source: name -> ref (output projection virtualised)
+    config: dict[str, Any] | None
+    norm_groups: list[int]
+    output_scales: list[float]
+    tied: list[bool]
+    weights_rescaled: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.sources)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max((e.nbytes for e in self.entries), default=0)
+
+    @property
+    def peak_memory(self) -> int:
+        """Upper estimate of resident memory: the worst single tensor in flight, plus a base.
+
+        One output tensor is built at a time: its buffer, its sources (unique loads), and
+        fp32 workspace when noise or scaling is involved.
+        """
+        worst = 0
+        for e in self.entries:
+            loaded = e.source_bytes // self.n if self.options.self_fusion else e.source_bytes
+            work = e.nbytes + loaded
+            if e.noise:  # one fp32 noise block at a time
+                work += 4 * (e.nbytes // dtype_size(e.dtype)) // self.n
+            worst = max(worst, work)
+        return worst + BASE_MEMORY
+
+    @property
+    def disk_needed(self) -> int:
+        extra = sum(p.stat().st_size for p in self.sources[0].extra_files if p.exists())
+        return self.total_bytes + extra + 2**20 * (1 + len(self.entries) // 1000)
+
+    def digest(self) -> str:
+        data = json.dumps([e.to_json() for e in self.entries], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(data.encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset.name,
+            "preset_digest": preset_digest(self.preset),
+            "sources": [str(s.path) for s in self.sources],
+            "n": self.n,
+            "self_fusion": self.options.self_fusion,
+            "weights": list(self.options.weights),
+            "weights_rescaled": self.weights_rescaled,
+            "norm": self.options.norm,
+            "norm_groups": self.norm_groups,
+            "noise": self.options.describe_noise(),
+            "seed": self.options.seed,
+            "tied_sources": self.tied,
+            "output_scales": self.output_scales,
+            "tensors": [e.to_json() for e in self.entries],
+            "total_bytes": self.total_bytes,
+            "largest_tensor_bytes": self.largest_tensor_bytes,
+            "peak_memory_bytes": self.peak_memory,
+            "disk_needed_bytes": self.disk_needed,
+            "notes": self.notes,
+        }
+
+
+def _origin(ck: Checkpoint, m: int) -> str:
+    return f"source {m + 1} ({ck.path})"
+
+
+def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str) -> bool:
+    if output not in refs:
+        return True
+    a, b = refs[output], refs[embedding]
+    if a.shape != b.shape:
+        return False
+    return bool(torch.equal(a.load(), b.load()))
+
+
+def _virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
+    """The source's tensors with the output projection present (tied sources: the embedding)."""
+    refs = dict(ck.tensors)
+    spec = preset.output
+    if spec is None:
+        return refs, False
+    if spec.tied_to is None or spec.tied_to not in refs:
+        if spec.name not in refs:
+            return refs, False  # the rules will say what is missing
+        return refs, False
+    tied = _is_tied(refs, spec.name, spec.tied_to)
+    if tied:
+        emb = refs[spec.tied_to]
+        refs[spec.name] = TensorRef(name=spec.name, shape=emb.shape, dtype=emb.dtype, loader=emb.loader,
+                                    source=f"{emb.source} (tied to {spec.tied_to})")
+    return refs, tied
+
+
+def resolve_preset(sources: list[Checkpoint], rules: Preset | None) -> Preset:
+    if rules is not None:
+        return rules
+    presets = [preset_for_config(ck.config, _origin(ck, m)) for m, ck in enumerate(sources)]
+    for m, p in enumerate(presets[1:], start=1):
+        if p.name != presets[0].name:
+            raise InputError(
+                f"{_origin(sources[m], m)} is a {p.name} model but {_origin(sources[0], 0)} is {presets[0].name}",
+                "all sources must share one architecture family",
+            )
+    return presets[0]
+
+
+def _config_view(preset: Preset, config: dict | None) -> dict:
+    view = dict(config or {})
+    view.update({k: v for k, v in architectures.derived(preset.architecture, config).items() if v is not None})
+    return view
+
+
+def check_configs(sources: list[Checkpoint], preset: Preset) -> None:
+    spec = preset.config
+    if spec is None:
+        return
+    configs = [ck.config for ck in sources]
+    if all(c is None for c in configs):
+        return
+    for m, ck in enumerate(sources):
+        if ck.config is None:
+            raise InputError(f"{_origin(ck, m)} has no config.json but other sources do",
+                             "give model directories for every source")
+    views = [_config_view(preset, c) for c in configs]
+    for key in spec.equal:
+        ref = views[0].get(key)
+        for m, v in enumerate(views[1:], start=1):
+            if v.get(key) != ref:
+                raise InputError(
+                    f"sources differ in {key}: {_origin(sources[0], 0)} has {ref!r}, {_origin(sources[m], m)} has {v.get(key)!r}",
+                    "only models of one architecture (same vocabulary, depth, head size, ...) can be fused",
+                )
+    for key in spec.sum:
+        for m, v in enumerate(views):
+            if key in views[0] and not isinstance(v.get(key), int):
+                raise InputError(f"{_origin(sources[m], m)}: config.json field {key} is {v.get(key)!r}, expected an integer")
+
+
+def widen_config(sources: list[Checkpoint], preset: Preset, options: FuseOptions, groups: list[int]) -> dict | None:
+    spec = preset.config
+    base = sources[0].config
+    if base is None:
+        return None
+    views = [_config_view(preset, ck.config) for ck in sources]
+    out = dict(base)
+    if spec is not None:
+        for key in spec.sum:
+            if key in views[0]:
+                out[key] = sum(v[key] for v in views)
+        for key in spec.write:
+            if key in views[0] and key not in spec.sum:
+                out[key] = views[0][key]
+        out.update(spec.set)
+    if options.dtype is not None:
+        name = str(options.dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in out:
+                out[key] = name
+    out.pop("deepfuse_norm_groups", None)
+    out.pop("deepfuse_norm_mode", None)
+    if options.norm == "prop":
+        out["deepfuse_norm_mode"] = "prop"
+        out["deepfuse_norm_groups"] = groups
+    return out
+
+
+def _norm_groups(entries: list[PlanEntry]) -> list[int]:
+    for e in entries:
+        for ax, role in enumerate(e.rule.axes):
+            if role == "hidden":
+                return [s[ax] for s in e.source_shapes]
+    return []
+
+
+def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | None = None,
+               weights_rescaled: bool = False) -> Plan:
+    if len(sources) < 1:
+        raise UsageError("no sources given")
+    n = len(sources)
+    if len(options.weights) != n:
+        raise UsageError(f"{len(options.weights)} weights for {n} sources")
+    if options.noise_std < 0 or options.noise_scale < 0:
+        raise UsageError("noise must be >= 0", "use --noise-std or --noise-scale with a non-negative value")
+    if options.noise_std > 0 and options.noise_scale > 0:
+        raise UsageError("give --noise-std or --noise-scale, not both")
+    if options.noise_mode == "preserving" and not options.self_fusion:
+        raise UsageError("--noise-mode preserving applies to self-fusion only",
+                         "use `deepfuse self-fuse`, or --noise-mode offdiag for different sources")
+    preset = resolve_preset(sources, rules)
+    check_configs(sources, preset)
+
+    tensors: list[dict[str, TensorRef]] = []
+    tied: list[bool] = []
+    for m, ck in enumerate(sources):
+        if m > 0 and options.self_fusion:
+            tensors.append(tensors[0])
+            tied.append(tied[0])
+            continue
+        refs, t = _virtualise_output(ck, m, preset)
+        tensors.append(refs)
+        tied.append(t)
+
+    names = list(tensors[0])
+    for m in range(1, n):
+        other = tensors[m]
+        missing = next((k for k in names if k not in other), None)
+        if missing is not None:
+            raise InputError(f"{_origin(sources[m], m)} has no tensor {missing!r}, which {_origin(sources[0], 0)} has",
+                             "sources must have the same architecture and depth")
+        extra = next((k for k in other if k not in tensors[0]), None)
+        if extra is not None:
+            raise InputError(f"{_origin(sources[m], m)} has tensor {extra!r}, which {_origin(sources[0], 0)} lacks",
+                             "sources must have the same architecture and depth")
+
+    matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
+    output_scales = [architectures.output_scale(preset.architecture, ck.config) for ck in sources]
+
+    entries: list[PlanEntry] = []
+    for name in names:
+        match = matches[name]
+        rule = match.rule
+        refs = [tensors[m][name] for m in range(n)]
+        for m, ref in enumerate(refs):
+            if len(ref.shape) != len(rule.axes):
+                raise InputError(
+                    f"{_origin(sources[m], m)}: tensor {name!r} has {len(ref.shape)} axes {list(ref.shape)}, "
+                    f"but rules[{match.index}] {rule.pattern!r} describes {len(rule.axes)} ({', '.join(rule.axes) or 'scalar'})",
+                    "fix the rule's axes, or the tensor does not belong to this family",
+                )
+        widened = rule.widened_axes
+        try:
+            shape = fused_shape([r.shape for r in refs], widened)
+        except FusionMismatch as exc:
+            raise InputError(f"tensor {name!r} cannot be fused: {exc} (axes: {', '.join(rule.axes)})",
+                             "sources must agree on every shared axis (vocabulary, positions, buckets)") from None
+        if rule.op == "split_fuse_concat":
+            ax = rule.axes.index("qkv")
+            for m, r in enumerate(refs):
+                if r.shape[ax] % rule.parts:
+                    raise InputError(f"{_origin(sources[m], m)}: tensor {name!r} axis {ax} ({r.shape[ax]}) "
+                                     f"does not split into {rule.parts} equal parts")
+        dtype = options.dtype or _promote([r.dtype for r in refs])
+        if not (dtype.is_floating_point or rule.op == "passthrough_identical"):
+            raise InputError(f"tensor {name!r} has dtype {dtype}, which cannot be fused",
+                             "only floating-point parameters can be fused")
+        noise = options.noisy and n > 1 and len(widened) == 2
+        scales = None
+        if rule.op == "output_average":
+            scales = [options.weights[m] * output_scales[m] for m in range(n)]
+        entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
+                                 source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
+                                 shape=shape, dtype=dtype, noise=noise, scales=scales))
+
+    groups = _norm_groups(entries)
+    plan = Plan(sources=sources, preset=preset, options=options, entries=entries, tensors=tensors,
+                config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
+                weights_rescaled=weights_rescaled)
+    plan.config = widen_config(sources, preset, options, groups)
+    if any(tied) and preset.output is not None:
+        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
+    if weights_rescaled:
+        plan.notes.append("weights did not sum to 1 and were normalised to " +
+                          ", ".join(f"{w:.6g}" for w in options.weights))
+    if options.norm == "rule" and n > 1 and not options.self_fusion:
+        plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
+                          "approximates the average (run `deepfuse verify` to measure by how much)")
+    return plan
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def role_summary(rule: Rule) -> str:
+    return "x".join(f"{r}*" if r in WIDENED_ROLES else r for r in rule.axes) or "scalar"
