@@ -66,10 +66,18 @@ def _offsets(tensors: Sequence[Tensor], axis: int) -> list[int]:
     return out
 
 
+def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Arithmetic precision: at least float32, more if an input has more."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
 def _scaled(t: Tensor, scale: float | None, dtype: torch.dtype) -> Tensor:
     if scale is None or scale == 1.0:
         return t.to(dtype)
-    return (t.to(torch.float32) * scale).to(dtype)
+    return (t.to(_work_dtype(t.dtype)) * scale).to(dtype)
 
 
 def concat(tensors: Sequence[Tensor], axis: int, scales: Sequence[float] | None = None,
@@ -166,9 +174,10 @@ def bias_average(tensors: Sequence[Tensor], weights: Sequence[float], dtype: tor
     """Bias of the output projection: ``sum_m w_m b_m`` (no widened axis)."""
     dtype = dtype or tensors[0].dtype
     _check_shared(tensors, [])
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    work = _work_dtype(*(t.dtype for t in tensors))
+    acc = torch.zeros(tensors[0].shape, dtype=work)
     for w, t in zip(weights, tensors, strict=True):
-        acc += w * t.to(torch.float32)
+        acc += w * t.to(work)
     return acc.to(dtype)
 
 
