@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -321,7 +322,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         tensors.append(refs)
         tied.append(t)
 
-    names = list(tensors[0])
+    names = sorted(tensors[0], key=natural_key)  # canonical: output bytes do not depend on input format
     for m in range(1, n):
         other = tensors[m]
         missing = next((k for k in names if k not in other), None)
@@ -386,6 +387,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
     return plan
+
+
+def natural_key(name: str) -> list:
+    """Sort key ordering ``layers.2`` before ``layers.10``."""
+    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
