@@ -78,6 +78,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or notes.")]
 OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Output directory (must not exist, unless --force).")]
+VerifyOpt = Annotated[bool, typer.Option("--verify", help="Run `deepfuse verify` on the output; report saved as verify-report.json in it.")]
 StepOpt = Annotated[Optional[int], typer.Option("--step", help="T5X/Orbax: the step to read (default: latest).")]
 
 
@@ -169,7 +170,7 @@ def _print_plan(plan, as_json: bool) -> None:
         err.print(f"note: {note}", highlight=False)
 
 
-def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool) -> None:
+def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bool = False) -> None:
     from .fuse import write_plan
 
     if not quiet:
@@ -195,6 +196,15 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool) -> None:
         shards = sum(1 for f in result.files if f.endswith(".safetensors"))
         err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {shards} "
                   f"shard(s) in {elapsed:.1f} s", highlight=False)
+    if verify:
+        from .verify import VerifyOptions, run_verify
+
+        report = run_verify(result.output, VerifyOptions())
+        report.write_json(result.output / "verify-report.json")
+        if not as_json:
+            _emit_verify(report, None, None, None, False)
+        elif not report.passed:
+            _emit_verify(report, None, None, None, True)
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ def fuse(
     rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
     max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, step: StepOpt = None,
+    quiet: QuietOpt = False, step: StepOpt = None, verify: VerifyOpt = False,
 ):
     """Fuse different models: hidden state = concatenation, output = (weighted) average.
 
@@ -220,7 +230,7 @@ def fuse(
         return
     if output is None:
         raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
-    _run(plan, output, force, quiet, as_json)
+    _run(plan, output, force, quiet, as_json, verify)
 
 
 @app.command("self-fuse")
@@ -232,7 +242,7 @@ def self_fuse(
     rules: RulesOpt = None, norm: NormOpt = "rule", noise_std: NoiseStdOpt = 0.0, noise_scale: NoiseScaleOpt = 0.0,
     noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    step: StepOpt = None,
+    step: StepOpt = None, verify: VerifyOpt = False,
 ):
     """Widen one model K times: computes exactly the source's function (the paper's self deep fusion).
 
@@ -246,7 +256,7 @@ def self_fuse(
         return
     if output is None:
         raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
-    _run(plan, output, force, quiet, as_json)
+    _run(plan, output, force, quiet, as_json, verify)
 
 
 @app.command("plan")
@@ -311,6 +321,60 @@ def inspect(
     out.print(table)
     if family_error:
         err.print(f"note: {family_error}", highlight=False)
+
+
+@app.command()
+@command
+def verify(
+    fused: Annotated[Path, typer.Argument(help="The fused checkpoint.")],
+    sources: Annotated[Optional[list[Path]], typer.Option("--sources", help="Source checkpoints (default: from the manifest). Repeat or list.")] = None,
+    times: Annotated[Optional[int], typer.Option("--times", help="Self-fusion: the one source was copied K times.")] = None,
+    rules: RulesOpt = None,
+    probes: Annotated[int, typer.Option("--probes", help="Probe sequences per forward pass.")] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Probe length in tokens.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the probe inputs.")] = 0,
+    tol: Annotated[Optional[float], typer.Option("--tol", help="Relative tolerance on logits and hidden states (default by dtype: fp32 1e-5, fp16 5e-3, bf16 3e-2).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Demand exactness: expected deviations (rule-mode norms, noise) fail.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write every figure as JSON.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (plot as PNG beside it).")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one test case per check).")] = None,
+    integrity_only: Annotated[bool, typer.Option("--integrity-only", help="Only check the manifest's file digests (no sources).")] = False,
+    as_json: JsonOpt = False,
+):
+    """Prove FUSED computes the fusion of its sources: integrity, tensor level, function level.
+
+    Exit 0 pass, 1 fail, 2 bad input. Example: deepfuse verify big/ --junit verify.xml
+    """
+    from .verify import VerifyOptions, run_verify
+
+    result = run_verify(fused, VerifyOptions(sources=sources, times=times, rules=rules, probes=probes, seq_len=seq_len,
+                                             seed=seed, tol=tol, strict=strict, integrity_only=integrity_only))
+    _emit_verify(result, report, markdown, junit, as_json)
+
+
+def _emit_verify(result, report: Path | None, markdown: Path | None, junit: Path | None, as_json: bool) -> None:
+    from .errors import VerificationFailed
+
+    if report:
+        result.write_json(report)
+    if markdown:
+        result.write_markdown(markdown)
+    if junit:
+        result.write_junit(junit)
+    if as_json:
+        out.print_json(json.dumps(result.to_json(), default=str))
+    else:
+        table = Table(title=f"deepfuse verify {result.fused}: {'[green]PASS[/]' if result.passed else '[red]FAIL[/]'}")
+        for col in ("check", "status", "details"):
+            table.add_column(col, overflow="fold")
+        colours = {"pass": "green", "fail": "red", "expected": "yellow", "skip": "dim"}
+        for c in result.checks:
+            table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", c.message)
+        out.print(table)
+    if not result.passed:
+        bad = result.first_failure
+        raise VerificationFailed(f"{result.fused}: {bad.name}: {bad.message}",
+                                 "the checkpoint is not the fusion it claims to be; re-run the fusion")
 
 
 @rules_app.command("list")

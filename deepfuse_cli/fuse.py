@@ -101,8 +101,8 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
             f = Path(f)
             if f not in seen:
                 seen[f] = _sha256_file(f) if f.is_file() else ""
-            files[f.name if ck.path.is_dir() else str(f)] = seen[f]
-        out.append({"path": str(ck.path), "format": ck.format, "files": files})
+            files[f.name if ck.path.is_dir() else str(f.resolve())] = seen[f]
+        out.append({"path": str(ck.path.resolve()), "format": ck.format, "files": files})
     return out
 
 

@@ -1,0 +1,102 @@
+"""Verification results and their renderings (JSON, Markdown with a plot, JUnit XML)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["pass", "fail", "expected", "skip"]
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    message: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    fused: str
+    sources: list[str]
+    checks: list[Check] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer deviation for the plot
+
+    def add(self, check: Check) -> Check:
+        self.checks.append(check)
+        return check
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    @property
+    def first_failure(self) -> Check | None:
+        return next((c for c in self.checks if c.status == "fail"), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fused": self.fused, "sources": self.sources, "passed": self.passed,
+                "checks": [asdict(c) for c in self.checks], "layers": self.layers, "meta": self.meta}
+
+    def write_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_junit(self, path: Path) -> None:
+        suite = ET.Element("testsuite", name="deepfuse-verify", tests=str(len(self.checks)),
+                           failures=str(sum(c.status == "fail" for c in self.checks)),
+                           skipped=str(sum(c.status == "skip" for c in self.checks)))
+        for c in self.checks:
+            case = ET.SubElement(suite, "testcase", classname="deepfuse.verify", name=c.name)
+            if c.status == "fail":
+                ET.SubElement(case, "failure", message=c.message).text = json.dumps(c.figures, default=str)
+            elif c.status == "skip":
+                ET.SubElement(case, "skipped", message=c.message)
+            else:
+                ET.SubElement(case, "system-out").text = f"{c.status}: {c.message} {json.dumps(c.figures, default=str)}"
+        ET.ElementTree(ET.Element("testsuites")).getroot().append(suite)
+        tree = ET.ElementTree(suite)
+        ET.indent(tree)
+        tree.write(path, encoding="utf-8", xml_declaration=True)
+
+    def write_markdown(self, path: Path) -> None:
+        path = Path(path)
+        lines = [f"# deepfuse verify: {'PASS' if self.passed else 'FAIL'}", "",
+                 f"Fused checkpoint: `{self.fused}`", "", "Sources: " + ", ".join(f"`{s}`" for s in self.sources), "",
+                 "| check | status | message |", "|---|---|---|"]
+        for c in self.checks:
+            lines.append(f"| {c.name} | {c.status} | {c.message.replace('|', '/')} |")
+        if self.layers:
+            lines += ["", "## Per-layer deviation of the fusion property", "",
+                      "| layer | max abs error | relative |", "|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['max_abs']:.3g} | {r['relative']:.3g} |" for r in self.layers]
+            png = path.with_suffix(".png")
+            if _plot(self.layers, png):
+                lines += ["", f"![per-layer deviation]({png.name})"]
+            else:
+                lines += ["", "(plot skipped: install matplotlib, e.g. `pip install 'deepfuse[verify]'`)"]
+        lines += ["", "```json", json.dumps(self.meta, indent=2, sort_keys=True, default=str), "```", ""]
+        path.write_text("\n".join(lines))
+
+
+def _plot(layers: list[dict[str, Any]], png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.semilogy([r["layer"] for r in layers], [max(r["relative"], 1e-12) for r in layers], marker="o")
+    ax.set_xlabel("hidden state (layer)")
+    ax.set_ylabel("relative max abs error")
+    ax.set_title("fused hidden state vs concatenation of the sources'")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
