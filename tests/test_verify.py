@@ -199,3 +199,12 @@ def test_moved_sources_are_bad_input(hf_fixtures, tmp_path):
     shutil.rmtree(src)
     out = cli("verify", tmp_path / "sf", expect=2)
     assert "is not there" in out and "--sources" in out
+
+
+def test_bf16_output_judged_with_bf16_tolerance(hf_fixtures, tmp_path):
+    out = tmp_path / "bf"
+    cli("self-fuse", hf_fixtures / "llama-a", "-o", out, "--dtype", "bfloat16", "-q")
+    data = verify_json(out)
+    assert data["passed"] and data["meta"]["tol"] == 3e-2
+    failed = verify_json(out, "--tol", "1e-6", expect=1)
+    assert not failed["passed"]
