@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -155,15 +156,31 @@ def _nbytes(t: OutputTensor) -> int:
 
 
 class _HashingFile:
-    """Wraps a binary file, keeping a sha256 of everything written."""
+    """Wraps a binary file, keeping a sha256 of everything written.
+
+    Hashing runs on a second thread while the main thread writes the same (read-only) buffer:
+    hashlib releases the GIL, so the digest costs no wall time on a two-core machine.
+    """
 
     def __init__(self, fh):
         self._fh = fh
-        self.sha256 = hashlib.sha256()
+        self._sha = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepfuse-sha256")
+        self._pending = None
 
     def write(self, data) -> int:
-        self.sha256.update(data)
-        return self._fh.write(data)
+        view = memoryview(data)  # keeps the buffer alive until hashed
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._sha.update, view)
+        return self._fh.write(view)
+
+    def hexdigest(self) -> str:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        self._pool.shutdown()
+        return self._sha.hexdigest()
 
     def __getattr__(self, item):
         return getattr(self._fh, item)
@@ -195,7 +212,7 @@ class HFWriter(CheckpointWriter):
     def _close_current(self) -> None:
         if self._current is not None:
             self._current.close()
-            self.digests[self._current_name] = self._current.fh.sha256.hexdigest()
+            self.digests[self._current_name] = self._current.fh.hexdigest()
             self._current = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -1,0 +1,170 @@
+"""Benchmark: self-fuse x2 of a synthetic Llama-shaped bf16 checkpoint vs `dd` and a naive script.
+
+Generates the checkpoint (no downloads), then in one invocation measures, each as a separate process
+(wall time and peak RSS via /usr/bin/time -v, or psutil polling when that is missing):
+
+  1. `dd if=/dev/zero of=... bs=16M count=N conv=fdatasync`: writing the output's bytes durably,
+  2. `deepfuse self-fuse --times 2` (zero noise), output fsynced before its rename,
+  3. the same with `--noise-scale 0.01`,
+  4. the naive approach: load every tensor, torch.block_diag / torch.cat, safetensors save_file.
+
+    python benchmarks/bench_fuse.py --quick          # ~40 MB model, under a minute
+    python benchmarks/bench_fuse.py --size-gb 1      # the issue's target (~1 GB in, ~4 GB out)
+
+Prints one table with time ratios to dd and memory ratios to the largest fused tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NAIVE = r'''
+import json, sys, torch
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+state = {}
+with safe_open(str(src / "model.safetensors"), "pt") as f:
+    for k in f.keys():
+        t = f.get_tensor(k)
+        if t.dim() == 2 and "embed" not in k and "lm_head" not in k:
+            state[k] = torch.block_diag(t, t)
+        elif "lm_head" in k:
+            state[k] = torch.cat([t, t], dim=1) * 0.5
+        else:
+            state[k] = torch.cat([t, t], dim=-1)
+out.mkdir()
+save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+'''
+
+
+def make_checkpoint(path: Path, size_gb: float) -> dict:
+    """A Llama-shaped bf16 model of about ``size_gb`` GB, saved as one safetensors file with config."""
+    import torch
+    from safetensors.torch import save_file
+
+    d, vocab = 2048, 32000
+    inter = 5632
+    per_layer = 4 * d * d + 3 * d * inter + 2 * d
+    fixed = 2 * vocab * d + d
+    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+    if size_gb < 0.1:  # quick mode: a narrower model
+        d, vocab, inter = 512, 8000, 1408
+        per_layer = 4 * d * d + 3 * d * inter + 2 * d
+        fixed = 2 * vocab * d + d
+        layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+    g = torch.Generator().manual_seed(0)
+    state = {"model.embed_tokens.weight": (vocab, d), "lm_head.weight": (vocab, d), "model.norm.weight": (d,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (d, d),
+                      p + "self_attn.v_proj.weight": (d, d), p + "self_attn.o_proj.weight": (d, d),
+                      p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+                      p + "mlp.down_proj.weight": (d, inter), p + "input_layernorm.weight": (d,),
+                      p + "post_attention_layernorm.weight": (d,)})
+    tensors = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in state.items()}
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
+              "intermediate_size": inter, "num_attention_heads": d // 128, "num_key_value_heads": d // 128,
+              "head_dim": 128, "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-6,
+              "hidden_act": "silu", "max_position_embeddings": 4096, "tie_word_embeddings": False,
+              "dtype": "bfloat16"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    largest = max(2 * (2 * s[0]) * (2 * s[1]) if len(s) == 2 else 0 for s in state.values())
+    return {"layers": layers, "hidden": d, "bytes": (path / "model.safetensors").stat().st_size, "largest_fused": largest}
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of a command (a fresh process)."""
+    timer = shutil.which("time") and Path("/usr/bin/time").exists()
+    full = ["/usr/bin/time", "-v", *cmd] if timer else cmd
+    start = time.perf_counter()
+    if timer:
+        res = subprocess.run(full, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if res.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1)) * 1024
+        return wall, rss
+    import psutil
+
+    proc = psutil.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    return time.perf_counter() - start, peak
+
+
+def drop(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of the synthetic source (GB)")
+    ap.add_argument("--quick", action="store_true", help="a ~40 MB source: finishes in under a minute")
+    ap.add_argument("--dir", type=Path, default=None, help="working directory (default: a temp dir)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive script (it holds everything in RAM)")
+    args = ap.parse_args()
+    size = 0.04 if args.quick else args.size_gb
+    work = Path(tempfile.mkdtemp(prefix="deepfuse-bench-", dir=args.dir))
+    try:
+        src = work / "src"
+        info = make_checkpoint(src, size)
+        exe = [sys.executable, "-m", "deepfuse_cli"]
+        rows = []
+        out = work / "out"
+        t, rss = measure([*exe, "self-fuse", str(src), "--times", "2", "-o", str(out), "-q"])
+        out_bytes = sum(p.stat().st_size for p in out.iterdir())
+        drop(out)
+        count = max(1, out_bytes // (16 * 2**20))
+        dd_t, dd_rss = measure(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=16M", f"count={count}",
+                                "conv=fdatasync", "status=none"])
+        dd_t *= out_bytes / (count * 16 * 2**20)
+        drop(work / "dd.bin")
+        rows.append(("dd conv=fdatasync (same bytes)", dd_t, dd_rss))
+        rows.append(("deepfuse self-fuse x2", t, rss))
+        t, rss = measure([*exe, "self-fuse", str(src), "--times", "2", "-o", str(out), "-q", "--noise-scale", "0.01"])
+        drop(out)
+        rows.append(("deepfuse self-fuse x2 --noise-scale 0.01", t, rss))
+        if not args.no_naive:
+            t, rss = measure([sys.executable, "-c", NAIVE, str(src), str(out)])
+            drop(out)
+            rows.append(("naive: block_diag + save_file", t, rss))
+        largest = info["largest_fused"]
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, "
+              f"python {platform.python_version()}")
+        print(f"source: {info['bytes'] / 1e9:.2f} GB bf16, {info['layers']} layers, hidden {info['hidden']}; "
+              f"output {out_bytes / 1e9:.2f} GB; largest fused tensor {largest / 2**20:.0f} MiB")
+        print(f"{'run':44} {'wall s':>8} {'x dd':>6} {'GB/s':>6} {'peak RSS MiB':>13} {'RSS bound':>10}")
+        bound = 1.25 * largest + 400 * 2**20
+        for name, t, rss in rows:
+            print(f"{name:44} {t:8.2f} {t / dd_t:6.2f} {out_bytes / 1e9 / t:6.2f} {rss / 2**20:13.0f} "
+                  f"{'ok' if rss <= bound else 'over':>10}")
+        print(f"RSS bound = 1.25 x largest fused tensor + 400 MiB = {bound / 2**20:.0f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
