@@ -87,7 +87,9 @@ def make_checkpoint(path: Path, size_gb: float) -> dict:
 
 
 def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of a command (a fresh process)."""
+    """Wall seconds and peak RSS bytes of a command (a fresh process), after flushing dirty pages so
+    that earlier writes do not compete with this one."""
+    os.sync()
     timer = shutil.which("time") and Path("/usr/bin/time").exists()
     full = ["/usr/bin/time", "-v", *cmd] if timer else cmd
     start = time.perf_counter()
