@@ -116,17 +116,38 @@ def check_output_path(output: Path, sources: list[Checkpoint], force: bool) -> N
     if output.exists() and not force:
         raise UsageError(f"output {output} already exists", "pass --force to replace it, or choose another path")
     parent = out.parent
+    while not parent.exists():  # missing parents are created at write time (and removed on failure)
+        parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"output directory's parent {parent} does not exist", "create it first")
+        raise UsageError(f"cannot create {output}: {parent} is not a directory", "choose another output path")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent} (permission denied or read-only)", "choose a writable location")
 
 
+def _existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _make_parents(output: Path) -> list[Path]:
+    """Create the output's missing parent directories; return them, deepest first."""
+    created = []
+    p = output.resolve().parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    for d in reversed(created):
+        d.mkdir()
+    return created
+
+
 def check_free_space(plan: Plan, output: Path) -> None:
-    free = shutil.disk_usage(output.resolve().parent).free
+    free = shutil.disk_usage(_existing_ancestor(output.parent)).free
     need = plan.disk_needed
     if need > free:
-        raise UsageError(f"not enough free space at {output.resolve().parent}: the output needs "
+        raise UsageError(f"not enough free space at {_existing_ancestor(output.parent)}: the output needs "
                          f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free", "free space or choose another location")
 
 
@@ -195,6 +216,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
     output = Path(output)
     check_output_path(output, plan.sources, force)
     check_free_space(plan, output)
+    created = _make_parents(output)
     tmp = output.parent / f".{output.name}.deepfuse-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -228,6 +250,11 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
             raise
     return FuseResult(output=output, files=manifest["files"], total_bytes=plan.total_bytes, manifest=manifest)
 

@@ -147,3 +147,12 @@ def test_module_entry_point(hf_fixtures):
     res = subprocess.run([sys.executable, "-m", "deepfuse_cli", "self-fuse", str(hf_fixtures / "llama-a"),
                           "--times", "1", "-o", "/nonexistent/x"], capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.startswith("error:")
+
+
+def test_missing_output_parents_are_created(hf_fixtures, tmp_path):
+    out = tmp_path / "a" / "b" / "fused"
+    cli("self-fuse", hf_fixtures / "llama-a", "-o", out, "-q")
+    assert (out / "model.safetensors").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    refused("self-fuse", hf_fixtures / "llama-a", "-o", blocked / "sub" / "fused", contains=["is not a directory"])
