@@ -170,6 +170,15 @@ def _print_plan(plan, as_json: bool) -> None:
         err.print(f"note: {note}", highlight=False)
 
 
+def _plan_or_run(plan, output: Path | None, dry_run: bool, force: bool, quiet: bool, as_json: bool, verify: bool) -> None:
+    if dry_run:
+        _print_plan(plan, as_json)
+        return
+    if output is None:
+        raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
+    _run(plan, output, force, quiet, as_json, verify)
+
+
 def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bool = False) -> None:
     from .fuse import write_plan
 
@@ -225,12 +234,7 @@ def fuse(
     if len(sources) < 2:
         raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
     plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
-    if dry_run:
-        _print_plan(plan, as_json)
-        return
-    if output is None:
-        raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
-    _run(plan, output, force, quiet, as_json, verify)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
 @app.command("self-fuse")
@@ -251,12 +255,7 @@ def self_fuse(
     if times < 2:
         raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
     plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
-    if dry_run:
-        _print_plan(plan, as_json)
-        return
-    if output is None:
-        raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
-    _run(plan, output, force, quiet, as_json, verify)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
 @app.command("plan")

@@ -84,7 +84,7 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
     raise AssertionError(f"unknown op {rule.op}")  # unreachable: the schema validates ops
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(16 * 2**20):
@@ -100,7 +100,7 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
         for f in ck.weight_files:
             f = Path(f)
             if f not in seen:
-                seen[f] = _sha256_file(f) if f.is_file() else ""
+                seen[f] = sha256_file(f) if f.is_file() else ""
             files[f.name if ck.path.is_dir() else str(f.resolve())] = seen[f]
         out.append({"path": str(ck.path.resolve()), "format": ck.format, "files": files})
     return out
@@ -243,7 +243,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
                 files["config.json"] = hashlib.sha256(data).hexdigest()
             for extra in plan.sources[0].extra_files:
                 shutil.copyfile(extra, tmp / extra.name)
-                files[extra.name] = _sha256_file(tmp / extra.name)
+                files[extra.name] = sha256_file(tmp / extra.name)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
             _fsync_dir(tmp)

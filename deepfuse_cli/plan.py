@@ -202,9 +202,7 @@ def _virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str
     if spec is None:
         return refs, False
     if spec.tied_to is None or spec.tied_to not in refs:
-        if spec.name not in refs:
-            return refs, False  # the rules will say what is missing
-        return refs, False
+        return refs, False  # nothing to tie to: the rules will say if the output is missing
     tied = _is_tied(refs, spec.name, spec.tied_to)
     if tied:
         emb = refs[spec.tied_to]

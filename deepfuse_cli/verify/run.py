@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from .. import __version__
 from ..errors import InputError, UsageError
 from ..formats import open_checkpoint
+from ..fuse import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..plan import DTYPES, FuseOptions, build_plan
 from ..rules import load_rules
@@ -36,14 +36,6 @@ class VerifyOptions:
     function: bool = True
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(fused: Path) -> dict | None:
     path = fused / MANIFEST_NAME if fused.is_dir() else None
     if path is None or not path.is_file():
@@ -64,7 +56,7 @@ def check_integrity(fused: Path, manifest: dict) -> Check:
         p = fused / name
         if "/" in name or name.startswith("..") or not p.is_file():
             bad.append(f"{name} is missing")
-        elif _sha256(p) != digest:
+        elif sha256_file(p) != digest:
             bad.append(f"{name} was modified after the manifest was written (sha256 differs)")
     if bad:
         return Check("integrity", "fail", bad[0], {"problems": bad, "files": len(files)})
@@ -90,7 +82,7 @@ def _check_source_digests(manifest: dict, sources) -> None:
     for rec, ck in zip(manifest.get("sources", []), sources):
         for name, digest in (rec.get("files") or {}).items():
             path = Path(name) if Path(name).is_absolute() else ck.path / name
-            if path.is_file() and digest and _sha256(path) != digest:
+            if path.is_file() and digest and sha256_file(path) != digest:
                 raise InputError(f"source {ck.path}: {path.name} changed since the fusion (sha256 differs from the manifest)",
                                  "pass the original sources with --sources")
 
