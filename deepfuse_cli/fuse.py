@@ -211,6 +211,12 @@ def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) 
     }
 
 
+def make_writer(plan: Plan, directory: Path, outputs: list[OutputTensor]):
+    """The streaming writer for the plan's output format (Hugging Face directory by default)."""
+    return HFWriter(directory, outputs, {"max_shard_size": plan.options.max_shard_size,
+                                         "safetensors_metadata": {"format": "pt"}})
+
+
 def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
     """Execute ``plan`` into ``output`` atomically."""
     output = Path(output)
@@ -225,8 +231,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
         digest_job = pool.submit(source_digests, plan.sources)
         try:
             tmp.mkdir()
-            writer = HFWriter(tmp, outputs, {"max_shard_size": plan.options.max_shard_size,
-                                             "safetensors_metadata": {"format": "pt"}})
+            writer = make_writer(plan, tmp, outputs)
             try:
                 for entry in plan.entries:
                     writer.write(entry.name, compute_tensor(plan, entry))
