@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gpt2, llama, mlp, t5
+from . import gpt2, llama, mlp, t5, t5x
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2, "t5": t5, "mlp": mlp}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2, "t5": t5, "t5x": t5x, "mlp": mlp}
 
 
 def get_family(name: str | None) -> ModuleType | None:

@@ -143,6 +143,9 @@ class OutputSpec(_Strict):
     scale: Literal["none", "t5_decoder"] = Field(
         default="none", description="source-side output rescale folded into the fused projection"
     )
+    transpose: bool = Field(
+        default=False, description="the projection is stored [hidden, vocab] while the embedding is [vocab, hidden] (T5X)"
+    )
 
 
 class ConfigSpec(_Strict):

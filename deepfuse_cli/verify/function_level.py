@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import gc
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..architectures import mlp
+from ..ir import Checkpoint
 from ..plan import Plan
 from .report import Check, Report
 
@@ -104,11 +106,33 @@ def _layers(fused_hidden: list[torch.Tensor], sources: list[Outputs]) -> list[di
     return rows
 
 
+def hf_view(ck: Checkpoint, workdir: Path) -> Path:
+    """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint converted."""
+    if ck.format not in ("t5x", "orbax"):
+        return ck.path
+    from ..fuse import write_plan
+    from ..plan import FuseOptions, build_plan
+
+    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format="hf"))
+    dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
+    write_plan(plan, dest)
+    return dest
+
+
 def verify_function(plan: Plan, fused_path: Path, report: Report, *, probes: int, seq_len: int, seed: int,
                     tol: float | None, strict: bool) -> list[Check]:
+    with tempfile.TemporaryDirectory(prefix="deepfuse-verify-") as work:
+        return _verify_function(plan, fused_path, report, Path(work), probes=probes, seq_len=seq_len, seed=seed,
+                                tol=tol, strict=strict)
+
+
+def _verify_function(plan: Plan, fused_path: Path, report: Report, work: Path, *, probes: int, seq_len: int,
+                     seed: int, tol: float | None, strict: bool) -> list[Check]:
     family = plan.preset.architecture
     config = plan.config or {}
-    if family not in ("llama", "gpt2", "t5", "mlp") or plan.sources[0].format not in ("hf", "safetensors"):
+    if family == "t5x":  # runs as transformers' T5 after conversion
+        family = "t5"
+    if family not in ("llama", "gpt2", "t5", "mlp") or plan.sources[0].format not in ("hf", "safetensors", "t5x", "orbax"):
         return [Check("function", "skip", f"no reference forward for rules {plan.preset.name!r} "
                       f"({plan.sources[0].format}); tensor level only")]
     if family == "mlp" and not config:
@@ -132,10 +156,14 @@ def verify_function(plan: Plan, fused_path: Path, report: Report, *, probes: int
     unique: dict[str, Outputs] = {}
     outs: list[Outputs] = []
     for ck in plan.sources:
-        key = str(ck.path)
+        key = f"{ck.path}@{ck.metadata.get('step')}"
         if key not in unique:
-            unique[key] = run(ck.path, ck.config or {})
+            unique[key] = run(hf_view(ck, work), ck.config or {})
         outs.append(unique[key])
+    from ..formats import open_checkpoint
+
+    fused_ck = open_checkpoint(fused_path)
+    fused_path = hf_view(fused_ck, work)
     w = plan.options.weights
     expected = sum(w[m] * outs[m][0] for m in range(n))
 
@@ -145,7 +173,7 @@ def verify_function(plan: Plan, fused_path: Path, report: Report, *, probes: int
     norms_exact = opts.norm == "prop" or same
     checks: list[Check] = []
 
-    groups = config.get("deepfuse_norm_groups") if opts.norm == "prop" else None
+    groups = plan.norm_groups if opts.norm == "prop" else None
     logits, hidden = run(fused_path, config, groups)
     figs = metrics(logits, expected)
     layers = _layers(hidden, outs) if family != "mlp" or len(hidden) == len(outs[0][1]) else []

@@ -54,7 +54,7 @@ def check_integrity(fused: Path, manifest: dict) -> Check:
     bad = []
     for name, digest in sorted(files.items()):
         p = fused / name
-        if "/" in name or name.startswith("..") or not p.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not p.is_file():
             bad.append(f"{name} is missing")
         elif sha256_file(p) != digest:
             bad.append(f"{name} was modified after the manifest was written (sha256 differs)")
@@ -75,6 +75,8 @@ def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool) -> 
         noise_std=float(noise.get("std", 0.0)), noise_scale=float(noise.get("scale", 0.0)),
         noise_mode=noise.get("mode") if noise.get("mode") in ("offdiag", "preserving") else "offdiag",
         seed=int(manifest.get("seed", 0)), dtype=DTYPES.get(dtype) if dtype else None, self_fusion=self_fusion,
+        output_format=manifest.get("output_format"), convert_only=manifest.get("kind") == "conversion",
+        optimizer_state=manifest.get("optimizer_state") or "drop",
     )
 
 
@@ -122,6 +124,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         use_manifest_options = manifest is not None and int(manifest.get("n", 0)) == len(paths)
     elif manifest is not None:
         paths = [Path(s["path"]) for s in manifest.get("sources", [])]
+        steps = [s.get("step") for s in manifest.get("sources", [])]
         self_fusion = manifest.get("kind") == "self-fusion"
         use_manifest_options = True
         for p in paths:
@@ -130,13 +133,16 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
                                  "pass the sources with --sources A B ... (and --times K for self-fusion)")
     else:
         raise UsageError(f"{fused} has no manifest: name its sources", "pass --sources A B ... (or --sources A --times K)")
-    if len(paths) < 2:
+    conversion = manifest is not None and manifest.get("kind") == "conversion"
+    if len(paths) < 2 and not conversion:
         raise UsageError("verification needs two or more sources, or one with --times K")
+    if opts.sources or manifest is None:
+        steps = [None] * len(paths)
 
     if self_fusion:
-        sources = [open_checkpoint(paths[0])] * len(paths)
+        sources = [open_checkpoint(paths[0], step=steps[0])] * len(paths)
     else:
-        sources = [open_checkpoint(p) for p in paths]
+        sources = [open_checkpoint(p, step=st) for p, st in zip(paths, steps)]
     report.sources = [str(p) for p in paths]
     if manifest is not None and not opts.sources:
         _check_source_digests(manifest, sources)
@@ -155,7 +161,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     fused_ck = open_checkpoint(fused)
     for check in verify_tensors(plan, fused_ck, opts.strict, None):
         report.add(check)
-    if opts.function and fused.is_dir():
+    if opts.function and fused.is_dir() and not plan.options.convert_only:
         for check in verify_function(plan, fused, report, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
                                      tol=opts.tol, strict=opts.strict):
             report.add(check)

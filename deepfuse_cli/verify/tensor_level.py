@@ -78,8 +78,12 @@ def diagnose(plan: Plan, entry: PlanEntry, actual: torch.Tensor, expected: torch
 
 
 def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | None) -> list[Check]:
+    """Every planned tensor against the fused file (under the output format's names and layout)."""
+    from ..convert import IDENTITY
+
+    conv = plan.conversion or IDENTITY
     checks: list[Check] = []
-    planned = {e.name: e for e in plan.entries}
+    planned = {conv.out_name(e.name): e for e in plan.entries if e.name not in conv.drop}
     missing = [n for n in planned if n not in fused.tensors]
     extra = [n for n in fused.tensors if n not in planned]
     if missing or extra:
@@ -89,15 +93,18 @@ def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | Non
         return checks
     checks.append(Check("tensors: names", "pass", f"{len(planned)} tensors, as the rules plan them"))
     worst = 0.0
-    for entry in plan.entries:
-        ref = fused.tensors[entry.name]
-        if ref.shape != entry.shape:
+    for out_name, entry in planned.items():
+        ref = fused.tensors[out_name]
+        want = conv.out_shape(entry.name, entry.shape)
+        if ref.shape != want:
             checks.append(Check("tensors: decomposition", "fail",
-                                f"tensor {entry.name!r} has shape {list(ref.shape)}, expected {list(entry.shape)}",
-                                {"tensor": entry.name}))
+                                f"tensor {out_name!r} has shape {list(ref.shape)}, expected {list(want)}",
+                                {"tensor": out_name}))
             return checks
         actual = ref.load()
         expected = compute_tensor(plan, entry).to(actual.dtype)
+        if entry.name in conv.transpose:  # compare in the plan's layout, so the diagnosis speaks of its blocks
+            actual = actual.t()
         if strict or actual.dtype not in (torch.float32, torch.float64, *HALF):
             ok = torch.equal(actual, expected)
             err = 0.0 if ok else float((actual.double() - expected.double()).abs().max())
@@ -118,4 +125,24 @@ def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | Non
     checks.append(Check("tensors: decomposition", "pass",
                         f"every tensor decomposes into its sources as its rule says (noise: {noise['mode']})",
                         {"max_abs_error": worst, "tensors": len(plan.entries)}))
+    if plan.state is not None:
+        checks.append(_verify_state(plan, fused))
     return checks
+
+
+def _verify_state(plan: Plan, fused: Checkpoint) -> Check:
+    """The fused optimizer state against its recomputation from the sources' state."""
+    stored = fused.metadata.get("optimizer_state") or {}
+    for entry in plan.state.entries:
+        ref = stored.get(entry.name)
+        if ref is None or tuple(ref.shape) != entry.shape:
+            what = "missing" if ref is None else f"has shape {list(ref.shape)}, expected {list(entry.shape)}"
+            return Check("optimizer state", "fail", f"{entry.name} {what}", {"tensor": entry.name})
+        actual, expected = ref.load().double(), plan.state.compute(entry).double()
+        err = float((actual - expected).abs().max()) if actual.numel() else 0.0
+        if err > 1e-6 * max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-30):
+            return Check("optimizer state", "fail", f"{entry.name} differs from the fused sources' state (max abs {err:.3g})",
+                         {"tensor": entry.name, "max_abs_error": err})
+    return Check("optimizer state", "pass", f"{len(plan.state.entries)} Adafactor slots are the sources' state, "
+                 f"scaled and placed as the parameters (factoring threshold {plan.state.min_dim})",
+                 {"tensors": len(plan.state.entries), "min_dim_size_to_factor": plan.state.min_dim})
