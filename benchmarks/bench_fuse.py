@@ -82,7 +82,12 @@ def make_checkpoint(path: Path, size_gb: float) -> dict:
               "hidden_act": "silu", "max_position_embeddings": 4096, "tie_word_embeddings": False,
               "dtype": "bfloat16"}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    largest = max(2 * (2 * s[0]) * (2 * s[1]) if len(s) == 2 else 0 for s in state.values())
+    def fused_bytes(name: str, s: tuple[int, ...]) -> int:  # bf16, x2: kernels block-diagonal, the rest concat
+        if len(s) == 1 or "embed" in name or "lm_head" in name:
+            return 2 * 2 * (s[0] if len(s) == 1 else s[0] * s[1])
+        return 2 * (2 * s[0]) * (2 * s[1])
+
+    largest = max(fused_bytes(k, s) for k, s in state.items())
     return {"layers": layers, "hidden": d, "bytes": (path / "model.safetensors").stat().st_size, "largest_fused": largest}
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -39,9 +40,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: DeepfuseError) -> None:
-    err.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, highlight=False)
     if exc.hint:
-        err.print(f"[yellow]hint:[/] {exc.hint}", markup=True, highlight=False)
+        err.print(f"[yellow]hint:[/] {escape(exc.hint)}", markup=True, highlight=False)
     raise typer.Exit(exc.exit_code)
 
 
@@ -79,7 +80,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or notes.")]
 OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Output directory (must not exist, unless --force).")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Run `deepfuse verify` on the output; report saved as verify-report.json in it.")]
+AllowNonfiniteOpt = Annotated[bool, typer.Option("--allow-nonfinite", help="Fuse sources holding NaN/Inf (reported, and recorded in deepfuse.json) instead of refusing.")]
 StepOpt = Annotated[Optional[int], typer.Option("--step", help="T5X/Orbax: the step to read (default: latest).")]
+ToOpt = Annotated[Optional[str], typer.Option("--to", help="Output format: safetensors (Hugging Face directory), t5x or orbax (default: the first source's).")]
+OptStateOpt = Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'drop' (restore with a fresh optimizer) or 'fuse' (widened, scaled as the first fused gradients).")]
 
 
 def _parse_weights(raw: str | None) -> list[float] | None:
@@ -103,7 +107,8 @@ def _parse_size(raw: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, self_fusion):
+def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, self_fusion,
+             to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False):
     from .plan import DTYPES, FuseOptions, normalise_weights
 
     if norm not in ("rule", "prop"):
@@ -115,15 +120,22 @@ def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, 
     for flag, v in (("--noise-std", noise_std), ("--noise-scale", noise_scale)):
         if not (v >= 0) or v == float("inf"):
             raise UsageError(f"{flag} {v}: noise must be a finite number >= 0")
+    if convert_only and optimizer_state == "keep":
+        optimizer_state = "fuse"  # one source, weight 1: the state is carried unchanged
+    if optimizer_state not in ("drop", "fuse"):
+        raise UsageError(f"--optimizer-state {optimizer_state!r}: choose 'drop' or 'fuse'"
+                         + (" ('keep' for convert)" if convert_only else ""))
     w, rescaled = normalise_weights(_parse_weights(weights), n)
     opts = FuseOptions(weights=w, norm=norm, noise_std=noise_std, noise_scale=noise_scale, noise_mode=noise_mode,
                        seed=seed, dtype=None if dtype == "keep" else DTYPES[dtype],
-                       max_shard_size=_parse_size(max_shard_size), self_fusion=self_fusion)
+                       max_shard_size=_parse_size(max_shard_size), self_fusion=self_fusion, output_format=to,
+                       optimizer_state=optimizer_state, convert_only=convert_only,
+                       allow_nonfinite=allow_nonfinite)
     return opts, rescaled
 
 
 def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed,
-           dtype, max_shard_size, step=None):
+           dtype, max_shard_size, step=None, to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False):
     from .formats import open_checkpoint
     from .plan import build_plan
     from .rules import load_rules
@@ -133,7 +145,8 @@ def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std
     else:
         sources = [open_checkpoint(p, step=step) for p in paths]
     opts, rescaled = _options(len(sources), weights, norm, noise_std, noise_scale, noise_mode, seed, dtype,
-                              max_shard_size, self_fusion=times is not None)
+                              max_shard_size, self_fusion=times is not None, to=to, optimizer_state=optimizer_state,
+                              convert_only=convert_only, allow_nonfinite=allow_nonfinite)
     preset = load_rules(rules) if rules else None
     return build_plan(sources, opts, preset, weights_rescaled=rescaled)
 
@@ -152,7 +165,8 @@ def _print_plan(plan, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(plan.to_json()))
         return
-    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}"
+    fmt = {"hf": "safetensors", "t5x": "T5X", "orbax": "Orbax"}.get(plan.output_format, plan.output_format)
+    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}, -> {fmt}"
                   f"{' (self-fusion)' if plan.options.self_fusion else ''}, norm={plan.options.norm}",
                   caption=f"{len(plan.entries)} tensors, {_human(plan.total_bytes)} to write; "
                           f"peak memory ~{_human(plan.peak_memory)}; disk needed ~{_human(plan.disk_needed)}")
@@ -198,13 +212,21 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
     elapsed = time.perf_counter() - start
     summary = {"output": str(result.output), "tensors": len(plan.entries), "bytes": result.total_bytes,
                "files": result.files, "seconds": round(elapsed, 3), "n": plan.n, "preset": plan.preset.name,
-               "notes": plan.notes}
+               "notes": plan.notes, "nonfinite": plan.nonfinite}
+    if plan.nonfinite and not quiet:
+        err.print("note: fused despite non-finite source values (--allow-nonfinite): " + "; ".join(
+            f"{d['tensor']} in source {d['source']} ({d['count']} values)" for d in plan.nonfinite),
+            markup=False, highlight=False)
     if as_json:
         out.print_json(json.dumps(summary))
     elif not quiet:
-        shards = sum(1 for f in result.files if f.endswith(".safetensors"))
-        err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {shards} "
-                  f"shard(s) in {elapsed:.1f} s", highlight=False)
+        if plan.output_format == "hf":
+            shards = sum(1 for f in result.files if f.endswith(".safetensors"))
+            where = f"{shards} shard(s)"
+        else:
+            where = f"a {'T5X' if plan.output_format == 't5x' else 'Orbax'} checkpoint ({len(result.files)} files)"
+        err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {where} "
+                  f"in {elapsed:.1f} s", highlight=False)
     if verify:
         from .verify import VerifyOptions, run_verify
 
@@ -225,7 +247,8 @@ def fuse(
     rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
     max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, step: StepOpt = None, verify: VerifyOpt = False,
+    quiet: QuietOpt = False, step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None,
+    optimizer_state: OptStateOpt = "drop", allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Fuse different models: hidden state = concatenation, output = (weighted) average.
 
@@ -233,7 +256,8 @@ def fuse(
     """
     if len(sources) < 2:
         raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
-    plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
+    plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
+                  to, optimizer_state, allow_nonfinite=allow_nonfinite)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
@@ -246,7 +270,8 @@ def self_fuse(
     rules: RulesOpt = None, norm: NormOpt = "rule", noise_std: NoiseStdOpt = 0.0, noise_scale: NoiseScaleOpt = 0.0,
     noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    step: StepOpt = None, verify: VerifyOpt = False,
+    step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None, optimizer_state: OptStateOpt = "drop",
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Widen one model K times: computes exactly the source's function (the paper's self deep fusion).
 
@@ -254,8 +279,28 @@ def self_fuse(
     """
     if times < 2:
         raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
-    plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
+    plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
+                  to, optimizer_state, allow_nonfinite=allow_nonfinite)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
+
+
+@app.command()
+@command
+def convert(
+    source: Annotated[Path, typer.Argument(help="The checkpoint to convert.")],
+    to: Annotated[str, typer.Option("--to", help="Output format: safetensors (Hugging Face directory), t5x or orbax.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
+    rules: RulesOpt = None, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
+    force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, step: StepOpt = None,
+    optimizer_state: Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'keep' (carried to a T5X/Orbax output) or 'drop'.")] = "keep",
+):
+    """Convert a checkpoint between formats without fusing (T5X/Orbax T5 <-> Hugging Face T5).
+
+    Example: deepfuse convert t5x_model/ --to safetensors -o hf_model/
+    """
+    plan = _build([source], None, rules, None, "rule", 0.0, 0.0, "offdiag", 0, dtype, max_shard_size, step,
+                  to, optimizer_state, convert_only=True)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, False)
 
 
 @app.command("plan")
@@ -265,7 +310,8 @@ def plan_cmd(
     times: Annotated[Optional[int], typer.Option("--times", help="Self-fusion: number of copies.")] = None,
     rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
-    max_shard_size: ShardOpt = "5GB", as_json: JsonOpt = False, step: StepOpt = None,
+    max_shard_size: ShardOpt = "5GB", as_json: JsonOpt = False, step: StepOpt = None, to: ToOpt = None,
+    optimizer_state: OptStateOpt = "drop",
 ):
     """Show every output tensor (rule, op, shapes, dtype, bytes), totals, peak memory and disk needed.
 
@@ -276,7 +322,8 @@ def plan_cmd(
             raise UsageError("--times needs exactly one source and K >= 2")
     elif len(sources) < 2:
         raise UsageError("plan needs two or more sources, or one with --times K")
-    plan = _build(sources, times, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step)
+    plan = _build(sources, times, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
+                  to, optimizer_state)
     _print_plan(plan, as_json)
 
 

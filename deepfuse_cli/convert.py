@@ -125,19 +125,27 @@ def output_config(architecture: str | None, plan_config: dict | None, output_for
     return plan_config
 
 
-def writer_metadata(output_format: str, first: Checkpoint, optimizer_state: dict[str, Any] | None = None) -> dict:
+def writer_metadata(output_format: str, first: Checkpoint) -> dict:
     """Layout facts for the T5X/Orbax writers, mirroring the first source where it is of that format."""
-    meta = dict(first.metadata) if first.format == output_format else {}
-    step = meta.get("step")
-    if step is None:
-        step = first.metadata.get("step") or 0
+    import numpy as np
+
+    same = first.format == output_format
+    meta = first.metadata if same else {}
+    step = first.metadata.get("step")
     if output_format == "t5x":
-        out = {"step": int(step), "layout": meta.get("layout", "root")}
+        out = {"step": int(step or 0), "layout": meta.get("layout", "root")}
         if meta.get("compression"):
             out["compression"] = meta["compression"]
         return out
-    out = {"step": int(step), "layout": meta.get("layout", "item"), "item": meta.get("item") or "default",
-           "zarr_format": meta.get("zarr_format", 2), "extra_leaves": dict(optimizer_state or {})}
+    out: dict[str, Any] = {"step": None if step is None else int(step), "layout": meta.get("layout", "item"),
+                           "item": meta.get("item") or "default", "zarr_format": meta.get("zarr_format", 2)}
+    if same:  # the same tree structure, leaf types and shardings as the source
+        for key in ("tree_keys", "value_types", "custom_metadata", "sharding"):
+            if meta.get(key) is not None:
+                out[key] = meta[key]
+        out["extra_leaves"] = dict(meta.get("other_leaves") or {})
+    elif step is not None and first.format == "t5x":  # a T5X train state keeps its step
+        out["extra_leaves"] = {"state/step": np.int32(step)}
     return out
 
 

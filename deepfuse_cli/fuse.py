@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -26,14 +27,21 @@ from .errors import InputError, UsageError
 from .formats.base import OutputTensor
 from .formats.hf import MANIFEST_NAME, HFWriter, write_file
 from .ir import Checkpoint
+from .convert import IDENTITY, writer_metadata
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
 
 Progress = Callable[[PlanEntry], None]
 
 
-def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The fused value of one planned tensor."""
+def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | None = None, *,
+                   ring: ops.BufferRing | None = None):
+    """The fused value of one planned tensor.
+
+    With ``ring``: an iterator over the value's consecutive row blocks (slabs along axis 0, which
+    may live in ``ring``'s buffers), bit for bit the same values, never the whole tensor at once.
+    The sources are loaded and checked (and the noise scale measured) before this returns.
+    """
     opts = plan.options
     rule = entry.rule
     n = plan.n
@@ -42,6 +50,8 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
             loaded = [plan.tensors[0][entry.name].load()] * n
         else:
             loaded = [plan.tensors[m][entry.name].load() for m in range(n)]
+        for m in range(1 if opts.self_fusion else n):
+            _check_finite(plan, entry.name, m, loaded[m])
     widened = rule.widened_axes
     dtype = entry.dtype
 
@@ -50,15 +60,41 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
         std = opts.noise_std if opts.noise_std > 0 else opts.noise_scale * ops.rms(loaded)
     preserving = opts.noise_mode == "preserving"
 
-    def block_diag(tensors: list[torch.Tensor], part: int | None) -> torch.Tensor:
+    def block_diag(tensors: list[torch.Tensor], part: int | None, rows: ops.BufferRing | None = None):
         offdiag = None
         if entry.noise and std > 0:
             def offdiag(i: int, j: int, shape: tuple[int, ...]) -> torch.Tensor:
                 key = (i, j) if part is None else (part, i, j)
                 return ops.gaussian(opts.seed, entry.name, key, shape, std)
+        if rows is not None:  # streaming: the same noise, read from the block's stream piece by piece
+            noise = None
+            if offdiag is not None:
+                def noise(i: int, j: int, numel: int) -> ops.GaussianStream:
+                    return ops.GaussianStream(opts.seed, entry.name, (i, j) if part is None else (part, i, j),
+                                              numel, std)
+            return ops.block_diagonal_rows(tensors, (widened[0], widened[1]), noise=noise,
+                                           preserving_input_axis=rule.input_axis if (preserving and noise) else None,
+                                           dtype=dtype, ring=rows)
         return ops.block_diagonal(tensors, (widened[0], widened[1]), offdiag=offdiag,
                                   preserving_input_axis=rule.input_axis if (preserving and offdiag) else None,
                                   dtype=dtype)
+
+    if ring is not None:
+        if rule.op == "block_diagonal":
+            return block_diag(list(loaded), None, ring)
+        if rule.op == "concat":
+            return ops.concat_rows(loaded, widened[0], dtype=dtype, ring=ring)
+        if rule.op == "split_fuse_concat":
+            split_axis = rule.axes.index("qkv")
+            if len(widened) == 2:
+                inner_rows = block_diag
+            else:
+                def inner_rows(pieces: list[torch.Tensor], part: int, rows: ops.BufferRing):
+                    return ops.concat_rows(pieces, split_axis, dtype=dtype, ring=rows)
+            return ops.split_fuse_concat_rows(loaded, split_axis, rule.parts, inner_rows, dtype, ring=ring)
+        if rule.op == "output_average":
+            return ops.output_average_rows(loaded, widened[0], entry.scales, dtype=dtype, ring=ring)
+        return iter([compute_tensor(plan, entry, loaded)])  # bias average, passthrough: small, one piece
 
     if rule.op == "block_diagonal":
         return block_diag(list(loaded), None)
@@ -84,6 +120,84 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
     raise AssertionError(f"unknown op {rule.op}")  # unreachable: the schema validates ops
 
 
+def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
+    """Refuse a source tensor holding NaN/Inf, or with ``allow_nonfinite`` record it in ``plan.nonfinite``."""
+    if not tensor.is_floating_point():
+        return
+    t = tensor if tensor.dtype != torch.float8_e4m3fn else tensor.to(torch.float16)  # no isfinite kernel for it
+    if ops.all_finite(t):  # one pass, no temporaries the size of the tensor
+        return
+    count = int(t.numel() - int(torch.isfinite(t).sum()))
+    where = plan.tensors[m][name].source or str(plan.sources[m].path)
+    if not plan.options.allow_nonfinite:
+        raise InputError(f"{where}: tensor {name!r} has {count} non-finite value(s) (NaN or Inf)",
+                         "the source is corrupt or diverged; pass --allow-nonfinite to fuse it anyway")
+    plan.nonfinite.append({"source": m + 1, "file": where, "tensor": name, "count": count})
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _RowBlocks:
+    """The row blocks of ``entries`` (in order), computed on a worker thread ``ops.BLOCKS_AHEAD``
+    blocks ahead of the consumer, so that fusing (loading, noise) overlaps writing and hashing.
+
+    Blocks live in a ring of ``BLOCKS_AHEAD + 3`` buffers: one being filled, ``BLOCKS_AHEAD``
+    queued, and the two the consumer may still hold (the writer contract: done with block k before
+    asking for block k + 2). Errors on the worker are raised in the consumer.
+    """
+
+    _END = object()
+
+    def __init__(self, plan: Plan, entries: list[PlanEntry]):
+        self.ring = ops.BufferRing(ops.BLOCKS_AHEAD + 3)
+        self._queue: queue.Queue = queue.Queue(ops.BLOCKS_AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(plan, entries), name="deepfuse-fuse", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, plan: Plan, entries: list[PlanEntry]) -> None:
+        try:
+            for entry in entries:
+                for block in compute_tensor(plan, entry, ring=self.ring):
+                    if not self._put(block):
+                        return
+                if not self._put(self._END):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            self._put(_Failure(exc))
+
+    def next_tensor(self):
+        """The next tensor's row blocks."""
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -101,8 +215,9 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
             f = Path(f)
             if f not in seen:
                 seen[f] = sha256_file(f) if f.is_file() else ""
-            files[f.name if ck.path.is_dir() else str(f.resolve())] = seen[f]
-        out.append({"path": str(ck.path.resolve()), "format": ck.format, "files": files})
+            files[f.relative_to(ck.path).as_posix() if ck.path.is_dir() else str(f.resolve())] = seen[f]
+        out.append({"path": str(ck.path.resolve()), "format": ck.format, "step": ck.metadata.get("step"),
+                    "files": files})
     return out
 
 
@@ -151,8 +266,8 @@ def check_free_space(plan: Plan, output: Path) -> None:
                          f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free", "free space or choose another location")
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT while writing: the CLI reports it as an interruption (exit 130), not a crash."""
 
 
 @contextmanager
@@ -193,7 +308,10 @@ def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) 
     o = plan.options
     return {
         "deepfuse_version": __version__,
-        "kind": "self-fusion" if o.self_fusion else "fusion",
+        "kind": "conversion" if o.convert_only else ("self-fusion" if o.self_fusion else "fusion"),
+        "output_format": plan.output_format,
+        "conversion": (plan.conversion or IDENTITY).to_json(),
+        "optimizer_state": o.optimizer_state if any(ck.metadata.get("optimizer_state") for ck in plan.sources) else None,
         "n": plan.n,
         "sources": sources_info,
         "preset": plan.preset.name,
@@ -207,14 +325,46 @@ def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) 
         "seed": o.seed,
         "dtype": None if o.dtype is None else str(o.dtype).removeprefix("torch."),
         "plan_digest": plan.digest(),
+        "nonfinite": plan.nonfinite,
         "files": files,
     }
 
 
 def make_writer(plan: Plan, directory: Path, outputs: list[OutputTensor]):
     """The streaming writer for the plan's output format (Hugging Face directory by default)."""
+    fmt = plan.output_format
+    if fmt == "t5x":
+        from .formats.t5x import T5XWriter
+
+        return T5XWriter(directory, outputs, writer_metadata(fmt, plan.sources[0]))
+    if fmt == "orbax":
+        from .formats.orbax import OrbaxWriter
+
+        return OrbaxWriter(directory, outputs, writer_metadata(fmt, plan.sources[0]))
     return HFWriter(directory, outputs, {"max_shard_size": plan.options.max_shard_size,
                                          "safetensors_metadata": {"format": "pt"}})
+
+
+def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
+    """config.json for a Hugging Face output, fused.gin beside a T5X/Orbax one."""
+    cfg = plan.output_config
+    if cfg is None:
+        return
+    if plan.output_format == "hf":
+        data = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+        write_file(tmp / "config.json", data)
+        files["config.json"] = hashlib.sha256(data).hexdigest()
+        return
+    if cfg.get("model_type") == "t5x":
+        from .architectures.t5x import gin_overrides
+
+        what = ("converted by deepfuse" if plan.options.convert_only else
+                f"Deep Fusion of {plan.n} models by deepfuse {__version__}")
+        carried = plan.options.optimizer_state == "fuse" and any(ck.metadata.get("optimizer_state") for ck in plan.sources)
+        data = gin_overrides(cfg, note=f"Model widths of this checkpoint ({what})",
+                             optimizer_state=None if carried else "drop").encode()
+        write_file(tmp / "fused.gin", data)
+        files["fused.gin"] = hashlib.sha256(data).hexdigest()
 
 
 def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
@@ -226,40 +376,65 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
     tmp = output.parent / f".{output.name}.deepfuse-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    outputs = [OutputTensor(e.name, e.shape, e.dtype) for e in plan.entries]
+    conversion = plan.conversion or IDENTITY
+    outputs = conversion.outputs(plan.entries)
+    if plan.state is not None:
+        outputs += [OutputTensor(e.name, e.shape, e.dtype) for e in plan.state.entries]
     with _signals_raise(), ThreadPoolExecutor(max_workers=1) as pool:
         digest_job = pool.submit(source_digests, plan.sources)
         try:
             tmp.mkdir()
             writer = make_writer(plan, tmp, outputs)
+            # Writers that stream pieces get row blocks, computed on a worker thread ahead of the
+            # writer (which hashes on a thread of its own); a transposing conversion needs the whole.
+            streamed = {e.name for e in plan.entries if e.name not in conversion.drop
+                        and e.name not in conversion.transpose} if getattr(writer, "streams_chunks", False) else set()
+            threads = torch.get_num_threads()
+            if streamed:  # parallel by pipeline (fuse | write | hash): torch's own threads would only contend
+                torch.set_num_threads(1)
+            pipeline = _RowBlocks(plan, [e for e in plan.entries if e.name in streamed]) if streamed else None
             try:
                 for entry in plan.entries:
-                    writer.write(entry.name, compute_tensor(plan, entry))
+                    if entry.name in conversion.drop:
+                        continue
+                    if entry.name in streamed:
+                        writer.write_chunks(conversion.out_name(entry.name), pipeline.next_tensor())
+                    else:
+                        writer.write(*conversion.apply(entry.name, compute_tensor(plan, entry)))
                     if progress:
                         progress(entry)
+                if pipeline is not None:
+                    pipeline.close()
+                for state_entry in (plan.state.entries if plan.state is not None else []):
+                    writer.write(state_entry.name, plan.state.compute(state_entry))
                 writer.finish()
             except BaseException:
+                if pipeline is not None:
+                    pipeline.close()
                 writer.abort()
                 raise
+            finally:
+                torch.set_num_threads(threads)
             files = dict(writer.digests)
-            if plan.config is not None:
-                data = (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode()
-                write_file(tmp / "config.json", data)
-                files["config.json"] = hashlib.sha256(data).hexdigest()
-            for extra in plan.sources[0].extra_files:
+            _write_output_config(plan, tmp, files)
+            for extra in (plan.sources[0].extra_files if plan.output_format == "hf" else []):
                 shutil.copyfile(extra, tmp / extra.name)
                 files[extra.name] = sha256_file(tmp / extra.name)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
             _fsync_dir(tmp)
             _replace(tmp, output)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             for d in created:
                 try:
                     d.rmdir()
                 except OSError:
                     break
+            if isinstance(exc, OSError):  # disk full, file too large, I/O error: a message, not a traceback
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise UsageError(f"writing {output} failed: {exc.strerror or exc}{where}; nothing was written",
+                                 "free space (or fix permissions) at the destination and retry") from None
             raise
     return FuseResult(output=output, files=manifest["files"], total_bytes=plan.total_bytes, manifest=manifest)
 

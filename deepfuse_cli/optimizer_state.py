@@ -193,6 +193,8 @@ class StatePlan:
             # e.g. the projection a tied source never had: Adafactor's initial state
             return fused_leaves(pe.shape, self.min_dim, None, None)
         loaded = [{k: ref.load() for k, ref in st.items()} for st in states]
+        if plan.options.convert_only:  # one source, nothing widened: carried bit for bit
+            return {k: v.contiguous() for k, v in loaded[0].items()}
         unscaled = pe.rule.op in UNSCALED_OPS
         vs = []
         for m in range(n):

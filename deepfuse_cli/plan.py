@@ -40,6 +40,10 @@ class FuseOptions:
     dtype: torch.dtype | None = None  # None: keep the sources' dtype
     max_shard_size: int | str = "5GB"
     self_fusion: bool = False
+    allow_nonfinite: bool = False  # fuse sources holding NaN/Inf (reported) instead of refusing
+    output_format: str | None = None  # "hf", "t5x", "orbax"; None: the first source's format
+    optimizer_state: Literal["drop", "fuse"] = "drop"  # T5X/Orbax optimizer state
+    convert_only: bool = False  # one source, every op the identity (``deepfuse convert``)
 
     @property
     def noisy(self) -> bool:
@@ -120,6 +124,11 @@ class Plan:
     tied: list[bool]
     weights_rescaled: bool = False
     notes: list[str] = field(default_factory=list)
+    nonfinite: list[dict[str, Any]] = field(default_factory=list)  # filled while fusing (--allow-nonfinite)
+    output_format: str = "hf"
+    conversion: Any = None  # convert.Conversion: plan names -> the output format's names
+    output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
+    state: Any = None  # optimizer_state.StatePlan when the optimizer state is fused
 
     @property
     def n(self) -> int:
@@ -152,7 +161,8 @@ class Plan:
     @property
     def disk_needed(self) -> int:
         extra = sum(p.stat().st_size for p in self.sources[0].extra_files if p.exists())
-        return self.total_bytes + extra + 2**20 * (1 + len(self.entries) // 1000)
+        state = self.state.total_bytes if self.state is not None else 0
+        return self.total_bytes + state + extra + 2**20 * (1 + len(self.entries) // 1000)
 
     def digest(self) -> str:
         data = json.dumps([e.to_json() for e in self.entries], sort_keys=True, separators=(",", ":"))
@@ -162,6 +172,7 @@ class Plan:
         return {
             "preset": self.preset.name,
             "preset_digest": preset_digest(self.preset),
+            "output_format": self.output_format,
             "sources": [str(s.path) for s in self.sources],
             "n": self.n,
             "self_fusion": self.options.self_fusion,
@@ -186,13 +197,14 @@ def _origin(ck: Checkpoint, m: int) -> str:
     return f"source {m + 1} ({ck.path})"
 
 
-def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str) -> bool:
+def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str, transpose: bool = False) -> bool:
     if output not in refs:
         return True
     a, b = refs[output], refs[embedding]
-    if a.shape != b.shape:
+    if a.shape != (tuple(reversed(b.shape)) if transpose else b.shape):
         return False
-    return bool(torch.equal(a.load(), b.load()))
+    emb = b.load()
+    return bool(torch.equal(a.load(), emb.t() if transpose else emb))
 
 
 def _virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
@@ -203,10 +215,14 @@ def _virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str
         return refs, False
     if spec.tied_to is None or spec.tied_to not in refs:
         return refs, False  # nothing to tie to: the rules will say if the output is missing
-    tied = _is_tied(refs, spec.name, spec.tied_to)
+    tied = _is_tied(refs, spec.name, spec.tied_to, spec.transpose)
     if tied:
         emb = refs[spec.tied_to]
-        refs[spec.name] = TensorRef(name=spec.name, shape=emb.shape, dtype=emb.dtype, loader=emb.loader,
+        shape, loader = emb.shape, emb.loader
+        if spec.transpose:
+            shape = tuple(reversed(emb.shape))
+            loader = lambda emb=emb: emb.load().t()  # noqa: E731
+        refs[spec.name] = TensorRef(name=spec.name, shape=shape, dtype=emb.dtype, loader=loader,
                                     source=f"{emb.source} (tied to {spec.tied_to})")
     return refs, tied
 
@@ -270,7 +286,8 @@ def widen_config(sources: list[Checkpoint], preset: Preset, options: FuseOptions
         for key in spec.write:
             if key in views[0] and key not in spec.sum:
                 out[key] = views[0][key]
-        out.update(spec.set)
+        if not options.convert_only:
+            out.update(spec.set)
     if options.dtype is not None:
         name = str(options.dtype).removeprefix("torch.")
         for key in ("dtype", "torch_dtype"):
@@ -307,6 +324,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         raise UsageError("--noise-mode preserving applies to self-fusion only",
                          "use `deepfuse self-fuse`, or --noise-mode offdiag for different sources")
     preset = resolve_preset(sources, rules)
+    if options.convert_only:
+        if n != 1:
+            raise UsageError("a conversion takes exactly one source")
+        preset = preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
+                                                                     for r in preset.rules]})
     check_configs(sources, preset)
 
     tensors: list[dict[str, TensorRef]] = []
@@ -315,6 +337,10 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         if m > 0 and options.self_fusion:
             tensors.append(tensors[0])
             tied.append(tied[0])
+            continue
+        if options.convert_only:
+            tensors.append(dict(ck.tensors))
+            tied.append(False)
             continue
         refs, t = _virtualise_output(ck, m, preset)
         tensors.append(refs)
@@ -376,15 +402,39 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
                 weights_rescaled=weights_rescaled)
     plan.config = widen_config(sources, preset, options, groups)
+    _resolve_output(plan, names)
+    has_state = any(ck.metadata.get("optimizer_state") for ck in sources)
+    if options.optimizer_state == "fuse" and (has_state or not options.convert_only):
+        if plan.output_format == "hf":
+            plan.notes.append("optimizer state is not written to a Hugging Face directory (--optimizer-state fuse "
+                              "applies to T5X/Orbax outputs)")
+        else:
+            from .optimizer_state import StatePlan
+
+            plan.state = StatePlan.build(plan)
     if any(tied) and preset.output is not None:
         plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
     if weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))
+    if options.optimizer_state == "drop" and any(ck.metadata.get("optimizer_state") for ck in sources) \
+            and not options.convert_only:
+        plan.notes.append("optimizer state not carried over (--optimizer-state drop): restore with a fresh "
+                          "optimizer (see fused.gin)")
     if options.norm == "rule" and n > 1 and not options.self_fusion:
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
     return plan
+
+
+def _resolve_output(plan: Plan, names: list[str]) -> None:
+    """Output format, the name conversion it needs, and the config the output carries."""
+    from .convert import conversion_for, output_config, resolve_output_format
+
+    fmt = resolve_output_format(plan.options.output_format, plan.sources[0])
+    plan.output_format = fmt
+    plan.conversion = conversion_for(plan.preset.architecture, names, fmt)
+    plan.output_config = output_config(plan.preset.architecture, plan.config, fmt, str(plan.sources[0].path))
 
 
 def natural_key(name: str) -> list:

@@ -28,6 +28,7 @@ LEGACY_B = FIXTURES / "t5x" / "legacy-b"
 ORBAX_A = FIXTURES / "orbax" / "std-a"
 ORBAX_B = FIXTURES / "orbax" / "std-b"
 MGR_A = FIXTURES / "orbax" / "mgr-a"
+TIED = FIXTURES / "orbax" / "std-tied"
 
 
 def as_hf(path: Path, tmp: Path, *extra: str) -> Path:
@@ -158,21 +159,33 @@ def test_hf_t5_with_other_relative_attention_refused_for_t5x(hf_fixtures, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_tied_t5x_sources_are_untied_exactly(hf_fixtures, tmp_path):
-    """T5 1.0-style (logits via the embedding / sqrt(d)) in T5X naming: the fused model gets logits_dense."""
-    tied = tmp_path / "tied-t5x"
-    cli("convert", hf_fixtures / "t5v10-a", "--to", "t5x", "-o", tied, "-q")
-    ck = open_checkpoint(tied)
-    assert ck.config["logits_via_embedding"] and "target/decoder/logits_dense/kernel" not in ck.tensors
-    assert "logits_via_embedding = True" in (tied / "fused.gin").read_text()
+def test_tied_t5x_sources_are_untied_exactly(tmp_path):
+    """T5 1.0-style (relu, logits via the embedding / sqrt(d)): the fused model gets its own logits_dense."""
+    ck = open_checkpoint(TIED)
+    assert ck.config["logits_via_embedding"] and not ck.config["gated"]
+    assert "target/decoder/logits_dense/kernel" not in ck.tensors
+    hf = as_hf(TIED, tmp_path)
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["feed_forward_proj"] == "relu" and cfg["scale_decoder_outputs"] is True
     out = tmp_path / "fused"
-    cli("self-fuse", tied, "--times", 2, "-o", out, "-q")
+    cli("self-fuse", TIED, "--times", 2, "-o", out, "-q")
     fused = open_checkpoint(out)
     assert "target/decoder/logits_dense/kernel" in fused.tensors
     assert "logits_via_embedding = False" in (out / "fused.gin").read_text()
-    src_out = run(load(hf_fixtures / "t5v10-a"), probe())
+    # block of the tied source = embedding^T / sqrt(d) / 2
+    emb = ck.tensors["target/token_embedder/embedding"].load()
+    d = emb.shape[1]
+    block = fused.tensors["target/decoder/logits_dense/kernel"].load()[:d]
+    torch.testing.assert_close(block, emb.t() * d ** -0.5 / 2, rtol=0, atol=1e-7)
+    src_out = run(load(hf), probe())
     logits, hidden = outputs_of(out, tmp_path)
     assert_fused_function(logits, hidden, [src_out, src_out], [0.5, 0.5])
+    assert "PASS" in cli("verify", out)
+
+
+def test_gated_and_ungated_sources_refused(tmp_path):
+    out = cli("fuse", TIED, ORBAX_B, "--norm", "prop", "-o", tmp_path / "x", "--dry-run", expect=2)
+    assert "gated" in out
 
 
 def test_optimizer_state_dropped_by_default_and_step_kept(tmp_path):

@@ -171,3 +171,138 @@ def test_fused_shape_checks_shared_axes():
         assert "shared axis 1" in str(exc)
     else:
         raise AssertionError("expected FusionMismatch")
+
+
+# Streaming (row-block) versions of the ops: bit-for-bit the materialising ops.
+
+float_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])
+
+
+@given(st.integers(0, 3000), st.lists(st.integers(1, 300), min_size=1, max_size=30), st.sampled_from([1.0, 0.02]))
+def test_noise_stream_in_pieces_equals_whole_block(numel, sizes, std):
+    whole = ops.gaussian(11, "w", (0, 1), (numel,), std)
+    stream = ops.GaussianStream(11, "w", (0, 1), numel, std)
+    pieces, taken = [], 0
+    for k in sizes * (numel // max(1, sum(sizes)) + 1):
+        k = min(k, numel - taken)
+        if k == 0:
+            break
+        pieces.append(stream.take(k).clone())
+        taken += k
+    if taken < numel:
+        pieces.append(stream.take(numel - taken))
+    assert torch.equal(torch.cat(pieces) if pieces else torch.empty(0), whole)
+
+
+@st.composite
+def block_problems(draw):
+    """n sources of 2 or 3 axes, two of them widened (in either order), optional noise/preserving."""
+    n = draw(st.integers(1, 3))
+    nd = draw(st.integers(2, 3))
+    axes = tuple(draw(st.permutations(list(range(nd))))[:2])
+    same = draw(st.booleans())
+    base = [draw(dims) for _ in range(nd)]
+    shapes = []
+    for _ in range(n):
+        s = list(base)
+        if not same:
+            for ax in axes:
+                s[ax] = draw(dims)
+        shapes.append(s)
+    src_dtype = draw(float_dtypes)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ts = [torch.randn(s, generator=g, dtype=torch.float64).to(src_dtype) for s in shapes]
+    noisy = draw(st.booleans())
+    preserving = draw(st.sampled_from([None, axes[0], axes[1]])) if (noisy and same) else None
+    if preserving is not None:
+        ts = [ts[0]] * n  # self-fusion
+    dtype = draw(st.sampled_from([None, torch.bfloat16, torch.float32, torch.float16]))
+    chunk = draw(st.sampled_from([1, 7, 40, 100, 1 << 20]))
+    return ts, axes, noisy, preserving, dtype, chunk
+
+
+def _drain(blocks, keep: int = 2) -> Tensor:
+    """Concatenate row blocks, holding the last ``keep`` of them as a writer may (ring reuse)."""
+    out, held = [], []
+    for b in blocks:
+        held.append(b)
+        if len(held) > keep:
+            out.append(held.pop(0).clone())
+    out.extend(h.clone() for h in held)
+    return torch.cat(out, 0)
+
+
+Tensor = torch.Tensor
+
+
+@given(block_problems())
+def test_block_diagonal_rows_equal_block_diagonal(problem):
+    ts, axes, noisy, preserving, dtype, chunk = problem
+    offdiag = (lambda i, j, shape: ops.gaussian(5, "w", (i, j), shape, 0.1)) if noisy else None
+    noise = (lambda i, j, numel: ops.GaussianStream(5, "w", (i, j), numel, 0.1)) if noisy else None
+    whole = ops.block_diagonal(ts, axes, offdiag=offdiag, preserving_input_axis=preserving, dtype=dtype)
+    ring = ops.BufferRing(3)
+    rows = ops.block_diagonal_rows(ts, axes, noise=noise, preserving_input_axis=preserving, dtype=dtype,
+                                   ring=ring, chunk_bytes=chunk)
+    assert torch.equal(_drain(rows), whole)
+
+
+@given(sources(), st.integers(0, 1), float_dtypes, st.sampled_from([None, torch.bfloat16, torch.float32]),
+       st.sampled_from([1, 9, 64, 1 << 20]), st.booleans())
+def test_concat_and_output_average_rows_equal_whole(data, axis, src_dtype, dtype, chunk, scaled):
+    ws, _ = data
+    g = torch.Generator().manual_seed(len(ws))
+    shapes = [[w.shape[0], 3] if axis == 0 else [3, w.shape[1]] for w in ws]  # the other axis shared
+    ts = [torch.randn(s, generator=g, dtype=torch.float64).to(src_dtype) for s in shapes]
+    ring = ops.BufferRing(3)
+    if scaled:
+        weights = [1.0 / (m + 3) for m in range(len(ts))]
+        whole = ops.output_average(ts, axis, weights, dtype=dtype)
+        rows = ops.output_average_rows(ts, axis, weights, dtype=dtype, ring=ring, chunk_bytes=chunk)
+    else:
+        whole = ops.concat(ts, axis, dtype=dtype)
+        rows = ops.concat_rows(ts, axis, dtype=dtype, ring=ring, chunk_bytes=chunk)
+    assert torch.equal(_drain(rows), whole)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 1), st.booleans(), st.sampled_from([1, 24, 1 << 20]))
+def test_split_fuse_concat_rows_equal_whole(n, d, split_axis, noisy, chunk):
+    g = torch.Generator().manual_seed(n * 10 + d)
+    shape = [3 * d, d + 1] if split_axis == 0 else [d + 1, 3 * d]
+    ws = [torch.randn(shape, generator=g, dtype=torch.float32).to(torch.bfloat16) for _ in range(n)]
+
+    def inner(parts, k):
+        off = (lambda i, j, s: ops.gaussian(1, "qkv", (k, i, j), s, 0.1)) if noisy else None
+        return ops.block_diagonal(parts, (0, 1), offdiag=off)
+
+    def inner_rows(parts, k, ring):
+        noise = (lambda i, j, numel: ops.GaussianStream(1, "qkv", (k, i, j), numel, 0.1)) if noisy else None
+        return ops.block_diagonal_rows(parts, (0, 1), noise=noise, ring=ring, chunk_bytes=chunk)
+
+    whole = ops.split_fuse_concat(ws, split_axis, 3, inner)
+    rows = ops.split_fuse_concat_rows(ws, split_axis, 3, inner_rows, torch.bfloat16, ring=ops.BufferRing(3))
+    assert torch.equal(_drain(rows), whole)
+
+
+def test_zero_blocks_are_rezeroed_when_a_ring_buffer_changes_layout():
+    """Ring buffers keep their zeros between tensors of one layout, and only of one layout."""
+    ring = ops.BufferRing(3)
+    a = [torch.ones(4, 2), torch.ones(4, 6)]
+    b = [torch.full((4, 6), 2.0), torch.full((4, 2), 2.0)]  # same fused shape, diagonal elsewhere
+    for ts in (a, b, a, a, b):
+        assert torch.equal(_drain(ops.block_diagonal_rows(ts, (0, 1), ring=ring, chunk_bytes=16)),
+                           ops.block_diagonal(ts, (0, 1)))
+
+
+def test_rms_does_not_depend_on_thread_count_or_repeats():
+    t = (torch.randn(3_000_001, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.rms([t, t])
+        torch.set_num_threads(max(2, threads))
+        two = ops.rms([t, t])
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two == ops.rms([t]) == ops.rms([t, t.clone(), t])
+    assert abs(one - float(t.double().pow(2).mean().sqrt())) < 1e-12

@@ -45,7 +45,7 @@ def torch_dtype(dtype: np.dtype | str, origin: str = "") -> torch.dtype:
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
     """A torch tensor sharing memory with ``array`` where possible (bfloat16 via a uint16 view)."""
-    a = np.ascontiguousarray(array)
+    a = np.require(array, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     if a.dtype == np.dtype(ml_dtypes.bfloat16):
         return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
     if not a.flags.writeable:  # torch warns on read-only buffers; callers treat loads as read-only anyway

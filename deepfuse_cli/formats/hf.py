@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}", "re-save or re-download it") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object", "re-save or re-download it")
     return data
+
+
+#: config.json fields that are sizes or counts wherever a transformers config has them
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer", "n_inner",
+               "n_positions", "n_ctx", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers",
+               "relative_attention_num_buckets", "relative_attention_max_distance", "in_features", "out_features")
+NULLABLE_FIELDS = {"head_dim", "n_inner", "num_key_value_heads"}  # null: the runtime derives them
+
+
+def _check_config(path: Path) -> dict[str, Any]:
+    """config.json, refused when a size/count field is not a non-negative integer."""
+    config = _read_json(path)
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        if key in config and not (value is None and key in NULLABLE_FIELDS) and (type(value) is not int or value < 0):
+            raise InputError(f"{path}: field {key!r} is {json.dumps(value)[:40]}, expected a non-negative integer",
+                             "fix config.json, or re-download it")
+    return config
 
 
 def _read_index(directory: Path, index_path: Path) -> tuple[dict[str, TensorRef], list[Path]]:
@@ -64,7 +82,8 @@ def _read_index(directory: Path, index_path: Path) -> tuple[dict[str, TensorRef]
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise InputError(f"{index_path}: tensor {name!r} maps to an invalid shard name {shard!r}")
+            raise InputError(f"{index_path}: tensor {name!r} maps to an invalid shard name {shard!r}",
+                             "shards must be files in the model's own directory; re-save the model")
         shards.setdefault(shard, []).append(name)
     found: dict[str, TensorRef] = {}
     home: dict[str, str] = {}
@@ -113,7 +132,7 @@ def read_hf(path: Path) -> Checkpoint:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
-        config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+        config = _check_config(path / "config.json") if (path / "config.json").is_file() else None
         refs, files, meta = _weights_in(path)
         used = {f.name for f in files}
         extra = sorted(
@@ -155,37 +174,6 @@ def _nbytes(t: OutputTensor) -> int:
     return n * torch.empty((), dtype=t.dtype).element_size()
 
 
-class _HashingFile:
-    """Wraps a binary file, keeping a sha256 of everything written.
-
-    Hashing runs on a second thread while the main thread writes the same (read-only) buffer:
-    hashlib releases the GIL, so the digest costs no wall time on a two-core machine.
-    """
-
-    def __init__(self, fh):
-        self._fh = fh
-        self._sha = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepfuse-sha256")
-        self._pending = None
-
-    def write(self, data) -> int:
-        view = memoryview(data)  # keeps the buffer alive until hashed
-        if self._pending is not None:
-            self._pending.result()
-        self._pending = self._pool.submit(self._sha.update, view)
-        return self._fh.write(view)
-
-    def hexdigest(self) -> str:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-        self._pool.shutdown()
-        return self._sha.hexdigest()
-
-    def __getattr__(self, item):
-        return getattr(self._fh, item)
-
-
 class HFWriter(CheckpointWriter):
     """Sharded safetensors + index in ``directory``; each file's sha256 is computed while writing.
 
@@ -206,21 +194,31 @@ class HFWriter(CheckpointWriter):
 
     def _open(self, fname: str) -> None:
         self._current = SafetensorsFileWriter(self.directory / fname, self.shards[fname], self.st_metadata,
-                                              wrap=_HashingFile)
+                                              sha256=True)
         self._current_name = fname
 
     def _close_current(self) -> None:
         if self._current is not None:
             self._current.close()
-            self.digests[self._current_name] = self._current.fh.hexdigest()
+            self.digests[self._current_name] = self._current.hexdigest()
             self._current = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    streams_chunks = True
+
+    def _file_for_next(self) -> SafetensorsFileWriter:
         fname, planned = self._order[self._pos]
         if self._current_name != fname:
             self._close_current()
             self._open(fname)
-        self._current.write(name, tensor)
+        return self._current
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._file_for_next().write(name, tensor)
+        self._pos += 1
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """The next tensor as consecutive pieces of its bytes, written and hashed as they come."""
+        self._file_for_next().write_chunks(name, chunks)
         self._pos += 1
 
     def finish(self) -> list[Path]:

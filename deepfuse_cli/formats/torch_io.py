@@ -9,6 +9,7 @@ its tensors; legacy (non-zip) pickles are loaded whole, once.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def read_torch_file(path: Path) -> dict[str, TensorRef]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first else "")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0] if lines else "")
+        # torch's advice ("add_safe_globals", "weights_only=False") is exactly what not to do with untrusted files
+        why = re.sub(r"\x1b\[[0-9;]*m", "", why.split("WeightsUnpickler error:")[-1]).split(". Please")[0].strip()
         raise InputError(
             f"{path}: refused: this pickle needs more than weights_only=True to load ({why.strip()[:200]})",
             "only plain tensor state dicts are loaded; convert the checkpoint to safetensors in a trusted environment",
