@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +35,13 @@ Progress = Callable[[PlanEntry], None]
 
 
 def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | None = None, *,
-                   ring: ops.BufferRing | None = None):
+                   ring: ops.BufferRing | None = None, pool: Executor | None = None):
     """The fused value of one planned tensor.
 
     With ``ring``: an iterator over the value's consecutive row blocks (slabs along axis 0, which
-    may live in ``ring``'s buffers), bit for bit the same values, never the whole tensor at once.
-    The sources are loaded and checked (and the noise scale measured) before this returns.
+    may live in ``ring``'s buffers), bit for bit the same values, never the whole tensor at once;
+    noise of later block rows may be drawn ahead on ``pool``. The sources are loaded and checked
+    (and the noise scale measured) before this returns.
     """
     opts = plan.options
     rule = entry.rule
@@ -74,7 +75,7 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
                                               numel, std)
             return ops.block_diagonal_rows(tensors, (widened[0], widened[1]), noise=noise,
                                            preserving_input_axis=rule.input_axis if (preserving and noise) else None,
-                                           dtype=dtype, ring=rows)
+                                           dtype=dtype, ring=rows, pool=pool)
         return ops.block_diagonal(tensors, (widened[0], widened[1]), offdiag=offdiag,
                                   preserving_input_axis=rule.input_axis if (preserving and offdiag) else None,
                                   dtype=dtype)
@@ -168,15 +169,25 @@ class _RowBlocks:
         return False
 
     def _run(self, plan: Plan, entries: list[PlanEntry]) -> None:
+        # A second thread loads (and checks) the next tensor's sources while this one's blocks are
+        # computed (at most two tensors' sources are in memory), and draws noise ahead.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepfuse-load")
         try:
-            for entry in entries:
-                for block in compute_tensor(plan, entry, ring=self.ring):
+            upcoming = loader.submit(compute_tensor, plan, entries[0], ring=self.ring, pool=loader) if entries else None
+            for k, entry in enumerate(entries):
+                blocks = upcoming.result()
+                upcoming = (loader.submit(compute_tensor, plan, entries[k + 1], ring=self.ring, pool=loader)
+                            if k + 1 < len(entries) else None)
+                for block in blocks:
                     if not self._put(block):
                         return
+                del blocks
                 if not self._put(self._END):
                     return
         except BaseException as exc:  # handed to the consumer
             self._put(_Failure(exc))
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
 
     def next_tensor(self):
         """The next tensor's row blocks."""

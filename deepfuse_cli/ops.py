@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ NoiseStreams = Callable[[int, int, int], "GaussianStream"]
 #: Target size of one row block produced by the ``*_rows`` functions: small enough that producing,
 #: hashing and writing it happen while it is still in the CPU cache.
 CHUNK_BYTES = 1 << 20
+#: Noise of later block rows that ``block_diagonal_rows`` may draw ahead on a second thread.
+NOISE_AHEAD_BYTES = 256 << 20
 
 
 class FusionMismatch(ValueError):
@@ -330,6 +334,9 @@ class BufferRing:
         self._bufs: list[Tensor | None] = [None] * count
         self._keys: list[object] = [None] * count
         self._next = 0
+        self._spare: list[Tensor] = []
+        self._reserved = 0
+        self._lock = threading.Lock()
 
     def get(self, shape: Sequence[int], dtype: torch.dtype, key: object = None) -> tuple[Tensor, bool]:
         """The next buffer as a contiguous tensor of ``shape`` and ``dtype`` (contents unspecified), and
@@ -349,6 +356,55 @@ class BufferRing:
         self._keys[i] = key
         return buf[:nbytes].view(dtype).view(tuple(shape)), same
 
+    def reserve(self, nbytes: int) -> bool:
+        """Claim ``nbytes`` of the ``NOISE_AHEAD_BYTES`` allowance for noise drawn ahead (shared by
+        everything using this ring); False, claiming nothing, when it does not fit."""
+        with self._lock:
+            if self._reserved + nbytes > NOISE_AHEAD_BYTES:
+                return False
+            self._reserved += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved -= nbytes
+
+    def borrow(self, numel: int) -> Tensor:
+        """A 1-D fp32 scratch tensor of ``numel`` elements, reused across calls once given back
+        (any thread may borrow and give back)."""
+        with self._lock:
+            for k, t in enumerate(self._spare):
+                if t.numel() >= numel:
+                    return self._spare.pop(k)[:numel]
+        return torch.empty(numel, dtype=torch.float32)
+
+    def give_back(self, t: Tensor) -> None:
+        base = t._base if t._base is not None else t
+        with self._lock:
+            self._spare.append(base)
+            self._spare.sort(key=Tensor.numel)
+            while sum(x.numel() for x in self._spare) * 4 > NOISE_AHEAD_BYTES:
+                self._spare.pop(0)
+
+
+class _Drawn:
+    """A block's noise drawn ahead (a future of the whole block), handed out front to back."""
+
+    def __init__(self, future: Future):
+        self._future = future
+        self._data: Tensor | None = None
+        self._pos = 0
+
+    def result(self) -> Tensor:
+        if self._data is None:
+            self._data = self._future.result()
+        return self._data
+
+    def take(self, k: int, out: Tensor | None = None) -> Tensor:
+        piece = self.result()[self._pos:self._pos + k]
+        self._pos += k
+        return piece
+
 
 def _row_step(shape: Sequence[int], dtype: torch.dtype, chunk_bytes: int | None) -> int:
     """Rows per row block: about ``chunk_bytes`` (default ``CHUNK_BYTES``), at least one row."""
@@ -365,9 +421,13 @@ def _exact_in_fp32(dtype: torch.dtype) -> bool:
 
 def block_diagonal_rows(tensors: Sequence[Tensor], axes: tuple[int, int], noise: NoiseStreams | None = None,
                         preserving_input_axis: int | None = None, dtype: torch.dtype | None = None,
-                        ring: BufferRing | None = None, chunk_bytes: int | None = None) -> Iterator[Tensor]:
+                        ring: BufferRing | None = None, chunk_bytes: int | None = None,
+                        pool: Executor | None = None) -> Iterator[Tensor]:
     """:func:`block_diagonal` as row blocks. ``noise(i, j, numel)`` gives the stream of block (i, j)
-    (the streaming counterpart of ``offdiag``); zero off-diagonal blocks if None."""
+    (the streaming counterpart of ``offdiag``); zero off-diagonal blocks if None.
+
+    With ``pool``, the noise of later block rows is drawn there (whole blocks, up to
+    ``NOISE_AHEAD_BYTES``) while this thread works on the first: the same values, on two cores."""
     dtype = dtype or tensors[0].dtype
     a0, a1 = axes
     if a0 == a1:
@@ -414,6 +474,8 @@ def block_diagonal_rows(tensors: Sequence[Tensor], axes: tuple[int, int], noise:
     if noisy:
         streams = {(i, j): noise(i, j, numel(block_shape(i, j, full_rows(i, j))))
                    for i in range(n) for j in range(n) if i != j}
+    if not noisy or 0 not in axes:
+        pool = None  # one segment: nothing to draw ahead
     scratch: dict[object, Tensor] = {}
     layout = (tuple(axes), tuple(tuple(t.shape) for t in tensors))  # where the diagonal blocks sit
 
@@ -423,20 +485,50 @@ def block_diagonal_rows(tensors: Sequence[Tensor], axes: tuple[int, int], noise:
             buf = scratch[key] = torch.empty(k, dtype=torch.float32)
         return buf[:k]
 
-    for b, size in segments:
+    def segment_blocks(b: int | None) -> list[tuple[int, int]]:
         if b is None:
-            blocks = [(i, j) for i in range(n) for j in range(n)]
-        else:
-            blocks = [(b, j) for j in range(n)] if a0 == 0 else [(i, b) for i in range(n)]
-        diagonal = [i for i, j in blocks if i == j]
-        # preserving noise from blocks outside this segment: their own stream, read in step with it
-        comp: dict[tuple[int, int], GaussianStream] = {}
+            return [(i, j) for i in range(n) for j in range(n)]
+        return [(b, j) for j in range(n)] if a0 == 0 else [(i, b) for i in range(n)]
+
+    def comp_keys(blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Preserving noise from blocks outside a segment: their own stream, read in step with it."""
+        keys = []
         if noisy and preserving_input_axis is not None:
-            for m in diagonal:
+            for m in (i for i, j in blocks if i == j):
                 for other in range(n):
                     key = (other, m) if preserving_input_axis == a0 else (m, other)
                     if other != m and key not in blocks:
-                        comp[key] = noise(*key, numel(block_shape(*key, full_rows(*key))))
+                        keys.append(key)
+        return keys
+
+    def whole(key: tuple[int, int]) -> Tensor:
+        stream = noise(*key, numel(block_shape(*key, full_rows(*key))))
+        return stream.take(stream.numel, out=ring.borrow(stream.numel))
+
+    # segment -> (its off-diagonal streams, its comp streams, bytes reserved for them)
+    ahead: dict[int, tuple[dict, dict, int]] = {}
+    if noisy and pool is not None:
+        for b, _ in segments[1:]:
+            blocks = segment_blocks(b)
+            keys = [k for k in blocks if k[0] != k[1]]
+            comps = comp_keys(blocks)
+            need = 4 * sum(numel(block_shape(*k, full_rows(*k))) for k in keys + comps)
+            if not ring.reserve(need):
+                break
+            ahead[b] = ({k: _Drawn(pool.submit(whole, k)) for k in keys},
+                        {k: _Drawn(pool.submit(whole, k)) for k in comps}, need)
+
+    for b, size in segments:
+        blocks = segment_blocks(b)
+        diagonal = [i for i, j in blocks if i == j]
+        drawn: list[_Drawn] = []
+        reserved = 0
+        if b in ahead:
+            seg_streams, comp, reserved = ahead.pop(b)
+            drawn = [*seg_streams.values(), *comp.values()]
+        else:
+            seg_streams = streams
+            comp = {key: noise(*key, numel(block_shape(*key, full_rows(*key)))) for key in comp_keys(blocks)}
         for r0 in range(0, size, step):
             rows = min(step, size - r0)
             out_shape = (rows, *shape[1:])
@@ -453,7 +545,7 @@ def block_diagonal_rows(tensors: Sequence[Tensor], axes: tuple[int, int], noise:
             for i, j in blocks:
                 if i != j:
                     bs = block_shape(i, j, rows)
-                    got[(i, j)] = streams[(i, j)].take(numel(bs), out=fp32((i, j), numel(bs))).view(bs)
+                    got[(i, j)] = seg_streams[(i, j)].take(numel(bs), out=fp32((i, j), numel(bs))).view(bs)
                     out[index(i, j)].copy_(got[(i, j)])
             for m in diagonal:
                 src = tensors[m].narrow(0, r0, rows)
@@ -472,6 +564,9 @@ def block_diagonal_rows(tensors: Sequence[Tensor], axes: tuple[int, int], noise:
                     diag.sub_(nz)
                 out[index(m, m)].copy_(diag)
             yield out
+        for d in drawn:  # their noise is placed: the buffers can take later blocks' noise
+            ring.give_back(d.result())
+        ring.release(reserved)
 
 
 def concat_rows(tensors: Sequence[Tensor], axis: int, scales: Sequence[float] | None = None,

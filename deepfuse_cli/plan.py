@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from . import architectures
+from . import ops as fusion_ops
 from .errors import InputError, UsageError
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
@@ -27,6 +28,7 @@ NormMode = Literal["rule", "prop"]
 NoiseMode = Literal["offdiag", "preserving"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
+STREAM_BUFFERS = 64 * 2**20  # streaming writes: staging buffers, noise pieces, queues
 
 
 @dataclass(frozen=True)
@@ -144,17 +146,30 @@ class Plan:
 
     @property
     def peak_memory(self) -> int:
-        """Upper estimate of resident memory: the worst single tensor in flight, plus a base.
+        """Upper estimate of resident memory: the worst moment, plus a base.
 
-        One output tensor is built at a time: its buffer, its sources (unique loads), and
-        fp32 workspace when noise or scaling is involved.
+        Tensors the writer streams as row blocks (safetensors output): the sources of two
+        tensors (the next one is loaded ahead), the row-block and staging buffers, and noise of
+        later block rows drawn ahead (capped) -- never the fused tensor. Tensors a writer takes
+        whole: the fused tensor, its sources (unique loads) and one fp32 noise block.
         """
-        worst = 0
+        streaming = self.output_format == "hf"
+        transposed = getattr(self.conversion, "transpose", frozenset())
+        worst, previous = 0, 0
         for e in self.entries:
             loaded = e.source_bytes // self.n if self.options.self_fusion else e.source_bytes
-            work = e.nbytes + loaded
-            if e.noise:  # one fp32 noise block at a time
-                work += 4 * (e.nbytes // dtype_size(e.dtype)) // self.n
+            numel = e.nbytes // dtype_size(e.dtype)
+            if streaming and e.name not in transposed:
+                row = e.nbytes // e.shape[0] if e.shape and e.shape[0] else e.nbytes
+                work = previous + loaded + (fusion_ops.BLOCKS_AHEAD + 3) * max(fusion_ops.CHUNK_BYTES, row)
+                work += STREAM_BUFFERS
+                if e.noise:  # drawn ahead, and as many kept for reuse
+                    work += 2 * min(fusion_ops.NOISE_AHEAD_BYTES, 4 * numel)
+            else:
+                work = e.nbytes + loaded
+                if e.noise:  # one fp32 noise block at a time
+                    work += 4 * numel // self.n
+            previous = loaded
             worst = max(worst, work)
         return worst + BASE_MEMORY
 

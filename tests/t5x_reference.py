@@ -110,7 +110,7 @@ class Reference:
 
     def __init__(self, params: Mapping[str, np.ndarray], groups: Sequence[int] | None = None, dtype=np.float32):
         self.dtype = np.dtype(dtype)
-        self.p = {k[len(PREFIX):] if k.startswith(PREFIX) else k: np.asarray(v, self.dtype) for k, v in params.items()}
+        self.p = {k.removeprefix(PREFIX): np.asarray(v, self.dtype) for k, v in params.items()}
         self.groups = list(groups) if groups else None
         self.vocab, self.emb = self.p["token_embedder/embedding"].shape
         self.heads = self.p["encoder/relpos_bias/rel_embedding"].shape[0]

@@ -105,19 +105,28 @@ READER_CASES = {
     "garbage-pickle": ["garbage-pickle/pytorch_model.bin", "refused"],
 }
 COMMANDS = {
-    "self-fuse": lambda case, out: ["self-fuse", case, "-o", out],
-    "fuse": lambda case, out: ["fuse", GOOD, case, "-o", out],
-    "plan": lambda case, out: ["plan", case, "--times", "2"],
-    "inspect": lambda case, out: ["inspect", case],
+    "self-fuse": lambda case, out, fused: ["self-fuse", case, "-o", out],
+    "fuse": lambda case, out, fused: ["fuse", GOOD, case, "-o", out],
+    "plan": lambda case, out, fused: ["plan", case, "--times", "2"],
+    "inspect": lambda case, out, fused: ["inspect", case],
+    "verify": lambda case, out, fused: ["verify", fused, "--sources", case, "--times", "2"],
 }
+
+
+@pytest.fixture(scope="module")
+def fused_good(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fused") / "good-x2"
+    result = runner.invoke(app, ["self-fuse", str(GOOD), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("case", list(READER_CASES))
-def test_unreadable_inputs_are_refused(case, command, tmp_path, monkeypatch):
+def test_unreadable_inputs_are_refused(case, command, fused_good, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the evil pickle's payload would land here
-    refuse(*COMMANDS[command](CORPUS / case, tmp_path / "out"), contains=READER_CASES[case], hint="",
-           tmp=tmp_path)
+    refuse(*COMMANDS[command](CORPUS / case, tmp_path / "out", fused_good), contains=READER_CASES[case], hint="",
+           inputs=[fused_good], tmp=tmp_path)
     assert not (tmp_path / PAYLOAD_MARKER).exists()
 
 
@@ -227,7 +236,7 @@ def test_output_on_read_only_location(tmp_path):
     script = 'mount -t tmpfs -o ro,size=64k deepfuse-ro "$1" || exit 99; shift; exec "$@"'
     res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(ro),
                           sys.executable, "-m", "deepfuse_cli", "self-fuse", str(GOOD), "-o", str(ro / "out")],
-                         capture_output=True, text=True, timeout=120)
+                         check=False, capture_output=True, text=True, timeout=120)
     if res.returncode == 99 or "unshare:" in res.stderr:
         pytest.skip(f"cannot mount a read-only tmpfs here: {res.stderr.strip()[:200]}")
     assert res.returncode == 2, res.stderr
@@ -235,3 +244,15 @@ def test_output_on_read_only_location(tmp_path):
     first = res.stderr.splitlines()[0]
     assert "cannot write to" in first and str(ro) in first and "read-only" in first, first
     assert not list(ro.iterdir()) and not leftovers(tmp_path)
+
+
+def test_unreadable_file_is_refused(tmp_path, monkeypatch):
+    """Permission denied on a weights file (simulated: the tests may run as root) is a refusal, not a crash."""
+    import deepfuse_cli.formats.safetensors_io as st_io
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(st_io, "open", denied, raising=False)
+    refuse("self-fuse", GOOD, "-o", tmp_path / "out", contains=["good/model.safetensors", "Permission denied"],
+           hint="permissions", tmp=tmp_path)

@@ -18,12 +18,16 @@ from hypothesis import strategies as st
 
 from deepfuse_cli.errors import InputError
 from deepfuse_cli.formats.hf import SAFE_INDEX, read_hf
-from deepfuse_cli.formats.safetensors_io import ST_TO_TORCH, read_safetensors_header, validate_header
+from deepfuse_cli.formats.safetensors_io import (
+    ST_TO_TORCH,
+    read_safetensors_header,
+    validate_header,
+)
 
 from .corpus.make_corpus import BASE_CONFIG, llama_tensors, safetensors_bytes
 
 # DEEPFUSE_FUZZ_EXAMPLES=5000 for a longer local run
-FUZZ = settings(max_examples=int(os.environ.get("DEEPFUSE_FUZZ_EXAMPLES", 150)), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("DEEPFUSE_FUZZ_EXAMPLES", "150")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 GOOD_TENSORS = llama_tensors(BASE_CONFIG)
 GOOD_FILE = safetensors_bytes(GOOD_TENSORS)
@@ -206,3 +210,41 @@ def test_index_reader_arbitrary_index_bytes(raw, workdir):
         clean_refusal(exc)
     else:
         pytest.fail("an index naming no existing shard was accepted")
+
+
+# ---- PyTorch pickles (weights_only) ---------------------------------------------------------------
+def _torch_bytes(legacy: bool) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}, buf,
+               _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue()
+
+
+TORCH_FILES = [_torch_bytes(False), _torch_bytes(True)]
+
+
+@FUZZ
+@given(which=st.sampled_from([0, 1]), edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                                                      min_size=1, max_size=4),
+       cut=st.none() | st.floats(0, 1))
+def test_torch_reader_mutated_file(which, edits, cut, workdir):
+    from deepfuse_cli.formats.torch_io import read_torch_file
+
+    data = bytearray(TORCH_FILES[which])
+    for pos, value in edits:
+        data[int(pos * len(data))] = value
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = workdir / "mutated.bin"
+    path.write_bytes(bytes(data))
+    try:
+        refs = read_torch_file(path)
+    except InputError as exc:
+        clean_refusal(exc)
+        event("refused")
+        return
+    event("accepted")
+    for ref in refs.values():
+        assert tuple(ref.load().shape) == ref.shape

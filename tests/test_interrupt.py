@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -80,9 +79,22 @@ def temp_dirs(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if ".deepfuse-tmp-" in p.name or ".deepfuse-old-" in p.name]
 
 
-def start(src: Path, out: Path, *extra: str, preexec=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "deepfuse_cli", "self-fuse", str(src), "-o", str(out), "-q", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+# Runs deepfuse with a file-size limit: a write past it fails with EFBIG (SIGXFSZ ignored), like a full disk.
+# (Set in the child itself rather than with preexec_fn, which forks a possibly multithreaded test process.)
+FSIZE_WRAPPER = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = ["deepfuse", *sys.argv[2:]]
+runpy.run_module("deepfuse_cli", run_name="__main__")
+"""
+
+
+def start(src: Path, out: Path, *extra: str, fsize_limit: int | None = None) -> subprocess.Popen:
+    args = ["self-fuse", str(src), "-o", str(out), "-q", *extra]
+    cmd = ([sys.executable, "-c", FSIZE_WRAPPER, str(fsize_limit)] if fsize_limit else
+           [sys.executable, "-m", "deepfuse_cli"]) + args
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -140,19 +152,12 @@ def test_signal_mid_write_leaves_nothing(sig, force, big, tmp_path):
     assert digest_tree(src) == src_digest
 
 
-def _full_disk(limit: int):
-    def preexec():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    return preexec
-
-
 @pytest.mark.parametrize("force", [False, True], ids=["new", "force-existing"])
 def test_full_disk_mid_write_leaves_nothing(force, big, tmp_path):
     src, src_digest = big
     out = tmp_path / "out"
     old = previous_output(out) if force else None
-    code, err = finish(start(src, out, *(["--force"] if force else []), preexec=_full_disk(32 * 2**20)))
+    code, err = finish(start(src, out, *(["--force"] if force else []), fsize_limit=32 * 2**20))
     assert code == 2, err
     lines = err.splitlines()
     assert "Traceback" not in err and lines[0].startswith("error: "), err
@@ -177,7 +182,7 @@ def test_run_that_does_not_fit_is_refused_before_writing(big, tmp_path):
               '"$@"; rc=$?; echo "left: $(ls -A "$d")" >&2; exit $rc')
     res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(mount),
                           sys.executable, "-m", "deepfuse_cli", "self-fuse", str(src), "-o", str(mount / "out")],
-                         capture_output=True, text=True, timeout=120)
+                         check=False, capture_output=True, text=True, timeout=120)
     if res.returncode == 99 or "unshare:" in res.stderr:
         pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip()[:200]}")
     assert res.returncode == 2, res.stderr
@@ -185,3 +190,21 @@ def test_run_that_does_not_fit_is_refused_before_writing(big, tmp_path):
     assert lines[0].startswith("error: not enough free space") and "Traceback" not in res.stderr, res.stderr
     assert lines[-1] == "left: ", lines[-1]
     assert digest_tree(src) == src_digest
+
+
+def test_free_space_check_refuses_before_writing(tmp_path, monkeypatch):
+    """The same check anywhere (no mount needed): the destination reports less free space than the plan needs."""
+    from collections import namedtuple
+
+    from typer.testing import CliRunner
+
+    from deepfuse_cli.cli import app
+
+    src = Path(__file__).resolve().parent / "corpus" / "good"
+    before = digest_tree(src)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    result = CliRunner().invoke(app, ["self-fuse", str(src), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: not enough free space") and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir()) and digest_tree(src) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -235,16 +237,24 @@ def _drain(blocks, keep: int = 2) -> Tensor:
 Tensor = torch.Tensor
 
 
-@given(block_problems())
-def test_block_diagonal_rows_equal_block_diagonal(problem):
+@given(block_problems(), st.sampled_from([None, 0, 64, 1 << 30]))
+def test_block_diagonal_rows_equal_block_diagonal(problem, ahead_bytes):
+    """Also with later block rows' noise drawn ahead on another thread (within a byte budget)."""
     ts, axes, noisy, preserving, dtype, chunk = problem
     offdiag = (lambda i, j, shape: ops.gaussian(5, "w", (i, j), shape, 0.1)) if noisy else None
     noise = (lambda i, j, numel: ops.GaussianStream(5, "w", (i, j), numel, 0.1)) if noisy else None
     whole = ops.block_diagonal(ts, axes, offdiag=offdiag, preserving_input_axis=preserving, dtype=dtype)
     ring = ops.BufferRing(3)
-    rows = ops.block_diagonal_rows(ts, axes, noise=noise, preserving_input_axis=preserving, dtype=dtype,
-                                   ring=ring, chunk_bytes=chunk)
-    assert torch.equal(_drain(rows), whole)
+    saved = ops.NOISE_AHEAD_BYTES
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            ops.NOISE_AHEAD_BYTES = ahead_bytes or 0
+            for _ in range(2):  # the second time with the ring's spare noise buffers
+                rows = ops.block_diagonal_rows(ts, axes, noise=noise, preserving_input_axis=preserving, dtype=dtype,
+                                               ring=ring, chunk_bytes=chunk, pool=pool if ahead_bytes is not None else None)
+                assert torch.equal(_drain(rows), whole)
+        finally:
+            ops.NOISE_AHEAD_BYTES = saved
 
 
 @given(sources(), st.integers(0, 1), float_dtypes, st.sampled_from([None, torch.bfloat16, torch.float32]),

@@ -8,6 +8,7 @@ the same writer's ``write``. Row blocks are made tiny so that every tensor spans
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,15 @@ def weight_files(directory: Path) -> dict[str, bytes]:
             if p.suffix == ".safetensors" or p.name.endswith(".index.json")}
 
 
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    """Row blocks of ~200 bytes, writeback started every ~1 KB: every path runs many times."""
+@pytest.fixture(params=["direct-io", "page-cache"])
+def tiny_blocks(request, monkeypatch):
+    """Row blocks of ~200 bytes, 8 KiB staging buffers, writeback started every ~1 KB: every path
+    runs many times; files written with O_DIRECT and through the page cache."""
     monkeypatch.setattr(ops, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 8192)
+    monkeypatch.setattr(safetensors_io, "STAGES", 2)
     monkeypatch.setattr(safetensors_io, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(safetensors_io, "DIRECT_IO", request.param == "direct-io")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -184,3 +189,34 @@ def test_worker_error_reaches_the_caller_and_nothing_is_left(hf_fixtures, tmp_pa
         write_plan(plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "deepfuse-tmp" in p.name]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_staged_file_bytes_and_digest(direct, tmp_path, monkeypatch):
+    """Sizes around the staging buffer and the direct-I/O alignment; pieces of every size."""
+    monkeypatch.setattr(safetensors_io, "DIRECT_IO", direct)
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 8192)
+    monkeypatch.setattr(safetensors_io, "STAGES", 2)
+    g = torch.Generator().manual_seed(0)
+    for total in (1, 4095, 4096, 4097, 8191, 8192, 8193, 3 * 8192 + 5, 100_000):
+        data = torch.randint(0, 256, (total,), generator=g, dtype=torch.uint8).numpy().tobytes()
+        path = tmp_path / f"f{total}"
+        f = safetensors_io.StagedFile(path, sha256=True)
+        if direct:
+            assert f._direct  # the test filesystem takes O_DIRECT (ext4, xfs, tmpfs >= 6.6)
+        pos, step = 0, 1
+        while pos < total:
+            f.write(memoryview(data)[pos:pos + step])
+            pos += step
+            step = step * 3 + 1
+        f.close()
+        assert path.read_bytes() == data
+        assert f.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_staged_file_abort_leaves_descriptor_closed(tmp_path):
+    f = safetensors_io.StagedFile(tmp_path / "x", sha256=True)
+    f.write(b"abc" * 10_000)
+    f.abort()
+    with pytest.raises(OSError):
+        os.fstat(f._fd)

@@ -38,7 +38,7 @@ SOURCES = {  # fixture -> (seed, step, dims) it was written from
 def _no_fsync(request, monkeypatch):
     """fsync is slow on a busy disk and not what most tests check (the byte-equality test keeps it)."""
     if request.node.originalname != "test_writer_bytes_equal_a_t5x_save":
-        monkeypatch.setattr(t5x, "_fsync_path", lambda path: None)
+        monkeypatch.setattr(t5x, "fsync_path", lambda path: None)
         monkeypatch.setattr(t5x.os, "fsync", lambda fd: None)
 
 

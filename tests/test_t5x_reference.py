@@ -14,7 +14,13 @@ import torch
 
 from .conftest import FIXTURES
 from .helpers import cli, load, probe, run
-from .t5x_reference import Reference, gelu, load_params, logits, relative_position_bucket
+from .t5x_reference import (
+    Reference,
+    gelu,
+    load_params,
+    logits,
+    relative_position_bucket,
+)
 
 LEGACY_A = FIXTURES / "t5x" / "legacy-a"  # T5 1.1: gated-gelu, logits_dense
 LEGACY_B = FIXTURES / "t5x" / "legacy-b"
@@ -42,7 +48,7 @@ def hf_dirs(tmp_path_factory):
 
 
 # short probe: exact-distance buckets only; long: log-spaced buckets and distances beyond max_distance=128
-PROBES = {"short": dict(seq=7), "long": dict(seq=150, seed=1)}
+PROBES = {"short": {"seq": 7}, "long": {"seq": 150, "seed": 1}}
 
 
 @pytest.mark.parametrize("probe_kind", sorted(PROBES))
@@ -82,9 +88,11 @@ def test_relative_position_buckets():
     causal = relative_position_bucket(rel, bidirectional=False)
     at = dict(zip(rel.tolist(), zip(bi.tolist(), causal.tolist())))
     assert at[0] == (0, 0)
-    assert at[-1] == (1, 1) and at[-7] == (7, 7) and at[-15] == (10, 15)  # past keys: exact up to 8 / 16
+    assert at[-1] == (1, 1) and at[-7] == (7, 7) and at[-15] == (9, 15)  # past keys: exact up to 8 / 16
     assert at[1] == (17, 0) and at[7] == (23, 0)  # future keys: own half bidirectionally, bucket 0 causally
-    assert at[-8] == (8, 8) and at[-16] == (10, 16) and at[-127] == (15, 31) and at[-300] == (15, 31)
+    # log-spaced beyond; 16, 32, 64 sit exactly on bidirectional bucket boundaries
+    assert at[-8] == (8, 8) and at[-16] == (10, 16) and at[-32] == (12, 21) and at[-64] == (14, 26)
+    assert at[-127] == (15, 31) and at[-300] == (15, 31)
     assert at[300] == (31, 0)
     for bidirectional, ours in ((True, bi), (False, causal)):
         theirs = T5Attention._relative_position_bucket(torch.from_numpy(rel), bidirectional=bidirectional,

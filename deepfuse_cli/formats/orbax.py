@@ -46,6 +46,7 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
 from .base import CheckpointWriter, OutputTensor
+from .files import fsync_path
 
 METADATA = "_METADATA"
 STRINGS = "_strings.json"
@@ -838,7 +839,7 @@ class OrbaxWriter(CheckpointWriter):
         files = sorted(Path(rel) for rel in self.digests)
         for d in sorted({(self.directory / f).parent for f in files} | {self.directory},
                         key=lambda q: len(q.parts), reverse=True):
-            _fsync_dir(d)
+            fsync_path(d)
         return files
 
     def _handler(self) -> str:
@@ -865,16 +866,3 @@ class OrbaxWriter(CheckpointWriter):
         if self._db is not None:
             self._db.abort()
             self._db = None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

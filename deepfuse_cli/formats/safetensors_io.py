@@ -154,16 +154,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str,
             f"{path}: not a safetensors file ({size} bytes; a safetensors file starts with an 8-byte header length)",
             "check the path, or re-save the checkpoint with save_pretrained",
         )
-    with open(path, "rb") as fh:
-        (hlen,) = struct.unpack("<Q", fh.read(8))
-        if hlen > min(HEADER_LIMIT, size - 8):
-            what = (f"declares a {hlen}-byte header, over the {HEADER_LIMIT}-byte limit" if hlen <= size - 8 else
-                    f"declares {hlen} header bytes, file has {size - 8} after the length")
-            raise InputError(
-                f"{path}: corrupt safetensors header ({what})",
-                "the file is truncated or not a safetensors file; re-download or re-save it",
-            )
-        raw = fh.read(hlen)
+    try:
+        with open(path, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            raw = fh.read(hlen) if hlen <= min(HEADER_LIMIT, size - 8) else b""
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({exc.strerror})", "check the file's permissions") from None
+    if hlen > min(HEADER_LIMIT, size - 8):
+        what = (f"declares a {hlen}-byte header, over the {HEADER_LIMIT}-byte limit" if hlen <= size - 8 else
+                f"declares {hlen} header bytes, file has {size - 8} after the length")
+        raise InputError(
+            f"{path}: corrupt safetensors header ({what})",
+            "the file is truncated or not a safetensors file; re-download or re-save it",
+        )
     try:
         validate_header(raw, size - 8 - hlen)
     except ValueError as exc:

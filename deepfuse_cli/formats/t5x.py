@@ -46,6 +46,7 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
 from .base import CheckpointWriter, OutputTensor, as_bytes
+from .files import fsync_path, sha256_file
 
 MSGPACK_FILE = "checkpoint"
 VERSION = 3
@@ -594,28 +595,6 @@ def is_inline(name: str, shape: tuple[int, ...]) -> bool:
     return leaf in INLINE_STATE_LEAVES or tuple(shape) in ((), (1,))
 
 
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class T5XWriter(CheckpointWriter):
     """A legacy T5X checkpoint, each array written as it arrives (only the msgpack tree is held).
 
@@ -839,11 +818,11 @@ class T5XWriter(CheckpointWriter):
     def _close_array(self, dirname: str, target: Path) -> None:
         """fsync the array's files and record their digests."""
         for p in sorted(p for p in target.iterdir() if p.is_file()):
-            _fsync_path(p)
+            fsync_path(p)
             rel = self._prefix / dirname / p.name
-            self.digests[rel.as_posix()] = _sha256(p)
+            self.digests[rel.as_posix()] = sha256_file(p)
             self._files.append(rel)
-        _fsync_path(target)
+        fsync_path(target)
 
     def finish(self) -> list[Path]:
         if self._pos != len(self._plan):
@@ -866,9 +845,9 @@ class T5XWriter(CheckpointWriter):
         rel = self._prefix / MSGPACK_FILE
         self.digests[rel.as_posix()] = hashlib.sha256(payload).hexdigest()
         self._files.append(rel)
-        _fsync_path(self.step_dir)
+        fsync_path(self.step_dir)
         if self.layout == "root":
-            _fsync_path(self.directory)
+            fsync_path(self.directory)
         return list(self._files)
 
     def abort(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -49,9 +50,14 @@ def read_torch_file(path: Path) -> dict[str, TensorRef]:
         raise InputError(f"{path}: cannot read file ({exc.strerror})") from None
     if size == 0:
         raise InputError(f"{path}: empty file, not a PyTorch checkpoint", "re-save or re-download it")
-    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        mmap = zipfile.is_zipfile(path)
+    except (OSError, zipfile.BadZipFile) as exc:  # e.g. a corrupt end-of-central-directory record
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({exc})", "re-save or re-download it") from None
+    try:
+        with warnings.catch_warnings():  # torch warns (multi-line) about odd pickle protocols; we refuse or load
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         why = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0] if lines else "")
