@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,9 +58,9 @@ def command(fn):
             if os.environ.get("DEEPFUSE_DEBUG"):
                 raise
             _fail(exc)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             err.print("[red]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
 
     return wrapper
 

@@ -278,7 +278,11 @@ def check_free_space(plan: Plan, output: Path) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM/SIGINT while writing: the CLI reports it as an interruption (exit 130), not a crash."""
+    """SIGTERM/SIGINT while writing: the CLI reports it as an interruption (exit 128 + signal), not a crash."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @contextmanager
@@ -289,7 +293,9 @@ def _signals_raise():
         return
 
     def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
+        for s in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the cleanup
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -283,7 +283,10 @@ def check_configs(sources: list[Checkpoint], preset: Preset) -> None:
                 )
     for key in spec.sum:
         for m, v in enumerate(views):
-            if key in views[0] and not isinstance(v.get(key), int):
+            if v.get(key) is None:
+                raise InputError(f"{_origin(sources[m], m)}: config.json has no {key}, which the fused config must widen",
+                                 "re-save the model with save_pretrained, or fix config.json")
+            if not isinstance(v.get(key), int) or isinstance(v.get(key), bool):
                 raise InputError(f"{_origin(sources[m], m)}: config.json field {key} is {v.get(key)!r}, expected an integer")
 
 

@@ -208,3 +208,26 @@ def test_bf16_output_judged_with_bf16_tolerance(hf_fixtures, tmp_path):
     assert data["passed"] and data["meta"]["tol"] == 3e-2
     failed = verify_json(out, "--tol", "1e-6", expect=1)
     assert not failed["passed"]
+
+
+def test_nonfinite_sources_verified_at_tensor_level(tmp_path):
+    """A fusion made with --allow-nonfinite: NaN/Inf must sit where the rules put them; the rest is checked."""
+    from pathlib import Path
+
+    corpus = Path(__file__).parent / "corpus"
+    out = tmp_path / "fused"
+    cli("fuse", corpus / "good", corpus / "nonfinite", "--allow-nonfinite", "-o", out, "-q")
+    report = tmp_path / "r.json"
+    cli("verify", out, "--report", report)
+    checks = {c["name"]: c["status"] for c in json.loads(report.read_text())["checks"]}
+    assert checks["tensors: decomposition"] == "pass" and checks["function"] == "skip"
+    # a NaN moved into the other source's block is caught
+    name = "model.layers.0.mlp.up_proj.weight"
+    state = load_file(out / "model.safetensors")
+    w = state[name].clone()
+    bad = torch.isnan(w) | torch.isinf(w)
+    w[bad] = 0.0
+    w[0, -1] = float("nan")
+    edit(out, name, lambda _: w)
+    msg = cli("verify", out, expect=1)
+    assert name in msg

@@ -77,6 +77,7 @@ def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool) -> 
         seed=int(manifest.get("seed", 0)), dtype=DTYPES.get(dtype) if dtype else None, self_fusion=self_fusion,
         output_format=manifest.get("output_format"), convert_only=manifest.get("kind") == "conversion",
         optimizer_state=manifest.get("optimizer_state") or "drop",
+        allow_nonfinite=bool(manifest.get("nonfinite")),
     )
 
 
@@ -161,7 +162,10 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     fused_ck = open_checkpoint(fused)
     for check in verify_tensors(plan, fused_ck, opts.strict, None):
         report.add(check)
-    if opts.function and fused.is_dir() and not plan.options.convert_only:
+    if options.allow_nonfinite:
+        report.add(Check("function", "skip", "sources hold NaN/Inf (fused with --allow-nonfinite, recorded in the "
+                         "manifest): no function to compare; tensor level only"))
+    elif opts.function and fused.is_dir() and not plan.options.convert_only:
         for check in verify_function(plan, fused, report, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
                                      tol=opts.tol, strict=opts.strict):
             report.add(check)
