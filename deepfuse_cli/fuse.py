@@ -406,11 +406,11 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             # writer (which hashes on a thread of its own); a transposing conversion needs the whole.
             streamed = {e.name for e in plan.entries if e.name not in conversion.drop
                         and e.name not in conversion.transpose} if getattr(writer, "streams_chunks", False) else set()
-            threads = torch.get_num_threads()
-            if streamed:  # parallel by pipeline (fuse | write | hash): torch's own threads would only contend
-                torch.set_num_threads(1)
-            pipeline = _RowBlocks(plan, [e for e in plan.entries if e.name in streamed]) if streamed else None
+            threads, pipeline = torch.get_num_threads(), None
             try:
+                if streamed:  # parallel by pipeline (fuse | write | hash): torch's own threads would only contend
+                    torch.set_num_threads(1)
+                    pipeline = _RowBlocks(plan, [e for e in plan.entries if e.name in streamed])
                 for entry in plan.entries:
                     if entry.name in conversion.drop:
                         continue

@@ -37,6 +37,8 @@ NoiseStreams = Callable[[int, int, int], "GaussianStream"]
 #: Target size of one row block produced by the ``*_rows`` functions: small enough that producing,
 #: hashing and writing it happen while it is still in the CPU cache.
 CHUNK_BYTES = 1 << 20
+#: Row blocks a producer may compute ahead of the writer consuming them.
+BLOCKS_AHEAD = 4
 #: Noise of later block rows that ``block_diagonal_rows`` may draw ahead on a second thread.
 NOISE_AHEAD_BYTES = 256 << 20
 
@@ -648,9 +650,6 @@ def split_fuse_concat_rows(tensors: Sequence[Tensor], split_axis: int, parts: in
         torch.cat(blocks, dim=split_axis, out=out)
         yield out
 
-
-#: Row blocks a producer may compute ahead of the writer consuming them.
-BLOCKS_AHEAD = 4
 
 
 def all_finite(t: Tensor) -> bool:

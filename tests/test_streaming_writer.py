@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 
 from deepfuse_cli import ops
 from deepfuse_cli.errors import InputError
-from deepfuse_cli.formats import open_checkpoint
-from deepfuse_cli.formats import safetensors_io
+from deepfuse_cli.formats import open_checkpoint, safetensors_io
 from deepfuse_cli.formats.base import CheckpointWriter, OutputTensor
 from deepfuse_cli.formats.hf import HFWriter
 from deepfuse_cli.fuse import compute_tensor, write_plan

@@ -108,7 +108,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], origin: str) -> dict | N
     vocab, emb = shape(EMBEDDING, 2)
     heads, buckets = shape(f"{PREFIX}encoder/relpos_bias/rel_embedding", 2)
     q = shape(f"{PREFIX}encoder/layers_0/attention/query/kernel", 2)
-    if q[1] % heads:
+    if heads < 1 or q[1] % heads:
         raise InputError(f"{origin}: attention width {q[1]} is not a multiple of the {heads} heads of relpos_bias")
     gated = f"{PREFIX}encoder/layers_0/mlp/wi_0/kernel" in shapes
     mlp = shape(f"{PREFIX}encoder/layers_0/mlp/{'wi_0' if gated else 'wi'}/kernel", 2)[1]

@@ -206,7 +206,7 @@ class HFWriter(CheckpointWriter):
     streams_chunks = True
 
     def _file_for_next(self) -> SafetensorsFileWriter:
-        fname, planned = self._order[self._pos]
+        fname, _ = self._order[self._pos]
         if self._current_name != fname:
             self._close_current()
             self._open(fname)

@@ -128,7 +128,7 @@ def _steps_in(root: Path) -> dict[int, Path]:
 
 
 def _step_of_dir(p: Path) -> int | None:
-    return int(p.name) if p.name.isdigit() else None
+    return int(p.name) if p.name.isdecimal() else None
 
 
 def is_orbax_checkpoint(path: Path) -> bool:
@@ -195,7 +195,7 @@ def _parse_tree_metadata(meta_path: Path, data: Any) -> list[tuple[list[tuple[st
             value = entry["value_metadata"]
             if not keys or not isinstance(value, dict) or not isinstance(value["value_type"], str):
                 raise ValueError
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise InputError(f"{meta_path}: malformed tree_metadata entry {label!r}", hint) from None
         leaves.append((keys, value))
     leaves.sort(key=lambda kv: _sort_key(kv[0]))
@@ -203,7 +203,7 @@ def _parse_tree_metadata(meta_path: Path, data: Any) -> list[tuple[list[tuple[st
 
 
 def _sort_key(keys: list[tuple[str, int]]) -> tuple:
-    return tuple((0, int(k), "") if t == KEY_SEQUENCE and k.isdigit() else (1, 0, k) for k, t in keys)
+    return tuple((0, int(k), "") if t == KEY_SEQUENCE and k.isdecimal() else (1, 0, k) for k, t in keys)
 
 
 class _Database:
@@ -309,6 +309,9 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
             other[n] = strings[storage[n]]
         elif vt == "scalar":
             shape, dtype = arrays[n]
+            if any(s != 1 for s in shape):
+                raise InputError(f"{meta_path}: leaf {n!r} is listed as a scalar but holds an array of shape "
+                                 f"{list(shape)}", "the checkpoint is damaged; re-save it")
             other[n] = db.read_array(storage[n], n, shape, dtype).item()
         elif vt not in ARRAY_TYPES:
             raise InputError(f"{meta_path}: leaf {n!r} has a value type orbax-checkpoint 0.12 does not write ({vt!r})",

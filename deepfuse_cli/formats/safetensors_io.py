@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -284,10 +285,10 @@ class StagedFile:
         self._sha = hashlib.sha256() if sha256 else None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepfuse-write")
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepfuse-sha256") if sha256 else None
-        self._free: list[mmap.mmap] = []
+        self._free: list[np.ndarray] = []
         self._made = 0
         self._pending: deque = deque()  # (buffer, write future, hash future), oldest first
-        self._buf: mmap.mmap | None = None
+        self._buf: np.ndarray | None = None
         self._fill = 0
         self._size = 0  # bytes handed to the writer thread
         self._synced = 0  # page-cache mode: writeback started up to here
@@ -303,18 +304,19 @@ class StagedFile:
             if self._buf is None:
                 self._buf = self._take()
             k = min(n - pos, STAGE_BYTES - self._fill)
-            self._buf[self._fill:self._fill + k] = view[pos:pos + k]
+            # numpy copies large blocks without holding the GIL: the producer thread keeps going
+            self._buf[self._fill:self._fill + k] = np.frombuffer(view[pos:pos + k], dtype=np.uint8)
             self._fill += k
             pos += k
             if self._fill == STAGE_BYTES:
                 self._submit()
 
-    def _take(self) -> mmap.mmap:
+    def _take(self) -> np.ndarray:
         if self._free:
             return self._free.pop()
         if self._made < STAGES:
             self._made += 1
-            return mmap.mmap(-1, STAGE_BYTES)
+            return np.frombuffer(mmap.mmap(-1, STAGE_BYTES), dtype=np.uint8)  # page-aligned
         buf, written, hashed = self._pending.popleft()
         written.result()
         if hashed is not None:
@@ -329,7 +331,7 @@ class StagedFile:
         end = length
         if self._direct and length % _ALIGN:  # only the last buffer: pad it, truncate on close
             end = length + (-length) % _ALIGN
-            buf[length:end] = bytes(end - length)
+            buf[length:end] = 0
             self._padded = True
         self._pending.append((buf, self._io.submit(self._pwrite, view[:end], self._size), hashed))
         self._size += length
@@ -354,7 +356,7 @@ class StagedFile:
 
     def _drain(self, raise_errors: bool = True) -> None:
         while self._pending:
-            buf, written, hashed = self._pending.popleft()
+            _, written, hashed = self._pending.popleft()
             for job in (written, hashed):
                 if job is None:
                     continue

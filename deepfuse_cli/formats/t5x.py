@@ -171,6 +171,10 @@ def _decode_ndarray(data: bytes, scalar: bool) -> _Inline:
         raise _BadMsgpack(f"unsupported array payload (dtype {dtype}, shape {shape})")
     if len(buffer) != math.prod(shape) * dtype.itemsize:
         raise _BadMsgpack(f"array payload of shape {shape} {dtype} holds {len(buffer)} bytes")
+    try:  # e.g. a zero itemsize, or dims numpy cannot represent (0 x 2**63)
+        np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    except Exception as exc:  # noqa: BLE001
+        raise _BadMsgpack(f"unsupported array payload (dtype {dtype}, shape {shape}: {exc})") from None
     return _Inline(shape, dtype, bytes(buffer), scalar)
 
 
@@ -256,6 +260,8 @@ def _spec_rel_parts(spec: dict, msg_file: Path, name: str) -> list[str]:
             if part == "..":
                 raise InputError(f"{where}: tensorstore path {piece!r} leaves the checkpoint directory",
                                  "a T5X spec path must stay inside the checkpoint directory; refusing to follow it")
+            if "\x00" in part:
+                raise InputError(f"{where}: tensorstore path {piece!r} is not a valid file name", _COPY_HINT)
             parts.append(part)
     if not parts:
         raise InputError(f"{where}: the tensorstore spec has an empty path", _COPY_HINT)
@@ -282,6 +288,21 @@ def _chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...], sep: str) -> li
     for idx in np.ndindex(*grid):
         keys.append(sep.join(str(i) for i in idx))
     return keys
+
+
+def _first_missing_chunk(directory: Path, grid: list[int], sep: str, limit: int) -> str | None:
+    """The first of the first ``limit`` chunk keys (C order) with no file, without listing the others."""
+    idx = [0] * len(grid)
+    for _ in range(limit):
+        key = sep.join(str(i) for i in idx)
+        if not (directory / key).is_file():
+            return key
+        for axis in reversed(range(len(grid))):
+            idx[axis] += 1
+            if idx[axis] < grid[axis]:
+                break
+            idx[axis] = 0
+    return None
 
 
 @dataclass
@@ -317,6 +338,13 @@ class _ZarrArray:
         return _torch(np.asarray(arr), self.shape)
 
 
+def _int_tuple(value: Any) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(s) for s in value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _torch(arr: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     # arrays.to_torch goes through np.ascontiguousarray, which turns a 0-d array into shape (1,)
     return to_torch(arr).reshape(shape)
@@ -338,10 +366,18 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
         raise InputError(f"{where}: {rel}/ resolves outside the checkpoint directory",
                          "a T5X array must live inside its checkpoint directory; refusing to follow the link")
     zarray = directory / ".zarray"
-    if not zarray.is_file():
+    try:
+        found = zarray.is_file()
+    except OSError as exc:  # e.g. a name too long
+        raise InputError(f"{where}: cannot open {rel}/ ({exc.strerror or exc})", _COPY_HINT) from None
+    if not found:
         what = "array directory" if not directory.is_dir() else "zarr metadata"
         raise InputError(f"{where} is missing on disk ({what} {rel}/{'' if what.startswith('array') else '.zarray'} "
                          "not found)", _COPY_HINT)
+    root = step_dir.resolve()
+    if not zarray.resolve().is_relative_to(root):  # checked before it is read
+        raise InputError(f"{where}: {rel}/.zarray resolves outside the checkpoint directory",
+                         "a T5X array must live inside its checkpoint directory; refusing to follow the link")
     try:
         meta = json.loads(zarray.read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])
@@ -362,14 +398,20 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
     if spec_dtype is not None and spec_dtype != dtype.name:
         raise InputError(f"{where}: the spec says dtype {spec_dtype} but {rel}/.zarray says {dtype.name}", _COPY_HINT)
     spec_shape = spec.get("metadata", {}).get("shape") if isinstance(spec.get("metadata"), dict) else None
-    if spec_shape is not None and tuple(int(s) for s in spec_shape) != shape:
-        raise InputError(f"{where}: the spec says shape {list(spec_shape)} but {rel}/.zarray says {list(shape)}",
+    if spec_shape is not None and _int_tuple(spec_shape) != shape:
+        raise InputError(f"{where}: the spec says shape {spec_shape!r} but {rel}/.zarray says {list(shape)}",
                          _COPY_HINT)
+    grid = [-(-s // c) for s, c in zip(shape, chunks)]
+    n_chunks = math.prod(grid)
+    held = sum(len(ds) + len(fs) for _, ds, fs in os.walk(directory)) if n_chunks > 1 else 0
+    if n_chunks > 1 and n_chunks >= held:  # some chunk is missing: never list all the keys of a lying .zarray
+        key = _first_missing_chunk(directory, grid, sep, held)
+        raise InputError(f"{where} is missing on disk (file {key!r} of {rel}/ not found)", _COPY_HINT)
     files = [zarray] + [directory / key for key in _chunk_keys(shape, chunks, sep)]
-    root = step_dir.resolve()
-    for f in files:
-        if f.is_symlink() and not f.resolve().is_relative_to(root):
-            raise InputError(f"{where}: {rel}/{f.name} resolves outside the checkpoint directory",
+    for f in files:  # the chunk itself or a directory on its way ('/' separator) may be a link out
+        if not f.resolve().is_relative_to(root):
+            raise InputError(f"{where}: {rel}/{f.relative_to(directory).as_posix()} resolves outside the checkpoint "
+                             "directory",
                              "a T5X array must live inside its checkpoint directory; refusing to follow the link")
     arr = _ZarrArray(name, directory, rel, shape, dtype, compressor, files, msg_file)
     arr.check_files()
@@ -438,7 +480,8 @@ def read_t5x(path: Path, step: int | None = None) -> Checkpoint:
     tree = _parse_msgpack(msg_file)
     version = tree.get("version")
     if isinstance(version, _Inline):
-        version = int(version.array()) if version.shape in ((), (1,)) else None
+        integral = version.shape in ((), (1,)) and version.dtype.kind in "iu"
+        version = int(version.array().reshape(())) if integral else None
     if not isinstance(version, int) or isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise InputError(f"{msg_file}: unsupported T5X checkpoint format version {version!r} "
                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})",
