@@ -1,8 +1,11 @@
 """Executing a plan: stream tensors from the sources through the ops into the writer.
 
-One output tensor is in memory at a time (plus its sources). The output is written into a
-temporary sibling directory, fsynced, and renamed into place only when complete; on any
-error or signal the temporary directory is removed. Inputs are only ever read.
+Writers that take pieces (safetensors) get each fused tensor as ~1 MiB row blocks computed on a
+worker thread ahead of the writer: memory holds the sources of at most two consecutive tensors and
+a ring of block buffers, never a whole fused tensor. Other writers (T5X, Orbax, transposing
+conversions) get one tensor at a time. The output is written into a temporary sibling directory,
+fsynced, and renamed into place only when complete; on any error or signal the temporary
+directory is removed. Inputs are only ever read.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 from . import __version__, ops
 from .errors import InputError, UsageError
 from .formats.base import OutputTensor
-from .formats.hf import MANIFEST_NAME, HFWriter, write_file
+from .formats.files import fsync_path, sha256_file, write_file
+from .formats.hf import MANIFEST_NAME, HFWriter
 from .ir import Checkpoint
 from .convert import IDENTITY, writer_metadata
 from .plan import Plan, PlanEntry
@@ -209,14 +213,6 @@ class _RowBlocks:
         self._thread.join()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_digests(sources: list[Checkpoint]) -> list[dict]:
     out = []
     seen: dict[Path, str] = {}
@@ -303,14 +299,6 @@ def _signals_raise():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -439,7 +427,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
                 files[extra.name] = sha256_file(tmp / extra.name)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             _replace(tmp, output)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -472,4 +460,4 @@ def _replace(tmp: Path, output: Path) -> None:
             old.unlink(missing_ok=True)
     else:
         os.rename(tmp, output)
-    _fsync_dir(output.parent)
+    fsync_path(output.parent)

@@ -159,17 +159,23 @@ def block_diagonal(tensors: Sequence[Tensor], axes: tuple[int, int], offdiag: Of
     return out
 
 
-def split_fuse_concat(tensors: Sequence[Tensor], split_axis: int, parts: int,
-                      inner: Callable[[list[Tensor], int], Tensor]) -> Tensor:
-    """Split ``split_axis`` of every source into ``parts`` equal pieces (e.g. q, k, v of GPT-2's
-    ``c_attn``), fuse piece p of all sources with ``inner(pieces, p)``, and concatenate the fused
-    pieces back along ``split_axis``."""
+def _split_parts(tensors: Sequence[Tensor], split_axis: int, parts: int) -> list[tuple[Tensor, ...]]:
+    """Each source split into ``parts`` equal pieces along ``split_axis`` (views)."""
     pieces = []
     for t in tensors:
         size = t.shape[split_axis]
         if size % parts:
             raise FusionMismatch(f"axis {split_axis} of size {size} does not split into {parts} equal parts")
         pieces.append(torch.chunk(t, parts, dim=split_axis))
+    return pieces
+
+
+def split_fuse_concat(tensors: Sequence[Tensor], split_axis: int, parts: int,
+                      inner: Callable[[list[Tensor], int], Tensor]) -> Tensor:
+    """Split ``split_axis`` of every source into ``parts`` equal pieces (e.g. q, k, v of GPT-2's
+    ``c_attn``), fuse piece p of all sources with ``inner(pieces, p)``, and concatenate the fused
+    pieces back along ``split_axis``."""
+    pieces = _split_parts(tensors, split_axis, parts)
     fused = [inner([p[k] for p in pieces], k) for k in range(parts)]
     return torch.cat(fused, dim=split_axis)
 
@@ -632,12 +638,7 @@ def split_fuse_concat_rows(tensors: Sequence[Tensor], split_axis: int, parts: in
     """:func:`split_fuse_concat` as row blocks; ``inner(pieces, p, ring)`` yields the row blocks of
     fused piece p (every piece with the same row partition)."""
     ring = ring or BufferRing()
-    pieces = []
-    for t in tensors:
-        size = t.shape[split_axis]
-        if size % parts:
-            raise FusionMismatch(f"axis {split_axis} of size {size} does not split into {parts} equal parts")
-        pieces.append(torch.chunk(t, parts, dim=split_axis))
+    pieces = _split_parts(tensors, split_axis, parts)
     if split_axis == 0:
         for k in range(parts):
             yield from inner([p[k] for p in pieces], k, ring)

@@ -81,3 +81,18 @@ def digest_tree(path: Path) -> dict[str, str]:
     files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
     return {str(p.relative_to(path) if path.is_dir() else p.name): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in files}
+
+
+def clean_refusal(result, contains: list[str]) -> str:
+    """A CliRunner result that is a clean refusal: exit 2, exactly one ``error:`` line (containing every
+    ``contains`` text), only error/hint/note lines on stderr, no traceback. Returns the error line."""
+    assert result.exit_code == 2, f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert all(line.startswith(("error: ", "hint: ", "note: ")) for line in lines), result.stderr
+    for text in contains:
+        assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+    return errors[0]

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from deepfuse_cli.cli import app
 
 from .conftest import FIXTURES
-from .helpers import digest_tree
+from .helpers import clean_refusal, digest_tree
 
 T5X = FIXTURES / "t5x"
 ORBAX = FIXTURES / "orbax"
@@ -43,19 +43,10 @@ def invoke(args: list, watched: list[Path]):
 def refuse(args: list, contains: list[str], watched: list[Path], tmp: Path) -> str:
     """Run the CLI expecting a clean refusal; return the one error line."""
     result = invoke(args, watched)
-    stderr = result.stderr
-    assert result.exit_code == 2, f"exit {result.exit_code} for {args}:\n{result.output}\n{result.exception!r}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = stderr.splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, stderr
-    assert all(line.startswith(("error: ", "hint: ", "note: ")) for line in lines), stderr
-    for text in contains:
-        assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+    error = clean_refusal(result, contains)
     assert not (tmp / "out").exists(), "output written"
     assert not leftovers(tmp), leftovers(tmp)
-    return errors[0]
+    return error
 
 
 # ---- building the cases ------------------------------------------------------------------------------

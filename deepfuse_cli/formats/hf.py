@@ -23,6 +23,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .base import CheckpointWriter, OutputTensor
+from .files import write_file
 from .safetensors_io import SafetensorsFileWriter, read_safetensors_header
 from .torch_io import read_torch_file
 
@@ -241,13 +242,3 @@ class HFWriter(CheckpointWriter):
     def abort(self) -> None:
         if self._current is not None:
             self._current.abort()
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Write and fsync a small file."""
-    import os
-
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())

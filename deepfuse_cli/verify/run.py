@@ -12,7 +12,7 @@ import torch
 from .. import __version__
 from ..errors import InputError, UsageError
 from ..formats import open_checkpoint
-from ..fuse import sha256_file
+from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..plan import DTYPES, FuseOptions, build_plan
 from ..rules import load_rules
