@@ -136,6 +136,14 @@ def measure(cmd: list[str]) -> tuple[float, int, float]:
     return time.perf_counter() - start, peak, float("nan")
 
 
+def dd_command(target: Path, nbytes: int, bs: int = 16 * 2**20) -> tuple[list[str], float]:
+    """A ``dd`` writing about ``nbytes`` zeros durably to ``target`` (whole blocks of ``bs``), and the factor
+    that scales its time to exactly ``nbytes``."""
+    count = max(1, nbytes // bs)
+    cmd = ["dd", "if=/dev/zero", f"of={target}", f"bs={bs}", f"count={count}", "conv=fdatasync", "status=none"]
+    return cmd, nbytes / (count * bs)
+
+
 def drop(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -180,10 +188,9 @@ def main() -> None:
         drop(out)
 
         def dd(bs: int) -> tuple[float, int, float]:
-            count = max(1, out_bytes // bs)
-            t, rss, cpu = best(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", f"bs={bs}", f"count={count}",
-                                "conv=fdatasync", "status=none"])
-            return t * out_bytes / (count * bs), rss, cpu
+            cmd, scale = dd_command(work / "dd.bin", out_bytes, bs)
+            t, rss, cpu = best(cmd)
+            return t * scale, rss, cpu
 
         dd_t, dd_rss, dd_cpu = dd(16 * 2**20)
         rows.append(("dd conv=fdatasync (same bytes)", dd_t, dd_rss, dd_cpu))

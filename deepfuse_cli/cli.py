@@ -83,6 +83,7 @@ OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Output director
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Run `deepfuse verify` on the output; report saved as verify-report.json in it.")]
 AllowNonfiniteOpt = Annotated[bool, typer.Option("--allow-nonfinite", help="Fuse sources holding NaN/Inf (reported, and recorded in deepfuse.json) instead of refusing.")]
 StepOpt = Annotated[Optional[int], typer.Option("--step", help="T5X/Orbax: the step to read (default: latest).")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start unless the run fits this much memory (e.g. 2GiB); lowers the noise drawn ahead to fit.")]
 ToOpt = Annotated[Optional[str], typer.Option("--to", help="Output format: safetensors (Hugging Face directory), t5x or orbax (default: the first source's).")]
 OptStateOpt = Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'drop' (restore with a fresh optimizer) or 'fuse' (widened, scaled as the first fused gradients).")]
 
@@ -100,11 +101,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def _parse_size(raw: str) -> int:
+def _parse_size(raw: str, flag: str = "--max-shard-size") -> int:
     """'5GB' (decimal, as huggingface_hub counts), '4GiB' (binary) or a number of bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", raw.upper())
     if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
-        raise UsageError(f"--max-shard-size {raw!r} is not a size", "e.g. 5GB, 500MB, 4GiB or a number of bytes")
+        raise UsageError(f"{flag} {raw!r} is not a size", "e.g. 5GB, 500MB, 4GiB or a number of bytes")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -136,7 +137,8 @@ def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, 
 
 
 def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed,
-           dtype, max_shard_size, step=None, to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False):
+           dtype, max_shard_size, step=None, to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False,
+           max_memory=None):
     from .formats import open_checkpoint
     from .plan import build_plan
     from .rules import load_rules
@@ -148,8 +150,12 @@ def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std
     opts, rescaled = _options(len(sources), weights, norm, noise_std, noise_scale, noise_mode, seed, dtype,
                               max_shard_size, self_fusion=times is not None, to=to, optimizer_state=optimizer_state,
                               convert_only=convert_only, allow_nonfinite=allow_nonfinite)
+    limit = _parse_size(max_memory, "--max-memory") if max_memory is not None else None
     preset = load_rules(rules) if rules else None
-    return build_plan(sources, opts, preset, weights_rescaled=rescaled)
+    plan = build_plan(sources, opts, preset, weights_rescaled=rescaled)
+    if limit is not None:
+        plan.fit_memory(limit)
+    return plan
 
 
 def _human(n: float) -> str:
@@ -249,7 +255,7 @@ def fuse(
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
     max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False,
     quiet: QuietOpt = False, step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None,
-    optimizer_state: OptStateOpt = "drop", allow_nonfinite: AllowNonfiniteOpt = False,
+    optimizer_state: OptStateOpt = "drop", allow_nonfinite: AllowNonfiniteOpt = False, max_memory: MaxMemoryOpt = None,
 ):
     """Fuse different models: hidden state = concatenation, output = (weighted) average.
 
@@ -258,7 +264,7 @@ def fuse(
     if len(sources) < 2:
         raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
     plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
-                  to, optimizer_state, allow_nonfinite=allow_nonfinite)
+                  to, optimizer_state, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
@@ -272,7 +278,7 @@ def self_fuse(
     noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None, optimizer_state: OptStateOpt = "drop",
-    allow_nonfinite: AllowNonfiniteOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False, max_memory: MaxMemoryOpt = None,
 ):
     """Widen one model K times: computes exactly the source's function (the paper's self deep fusion).
 
@@ -281,7 +287,7 @@ def self_fuse(
     if times < 2:
         raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
     plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
-                  to, optimizer_state, allow_nonfinite=allow_nonfinite)
+                  to, optimizer_state, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
@@ -294,13 +300,14 @@ def convert(
     rules: RulesOpt = None, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
     force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, step: StepOpt = None,
     optimizer_state: Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'keep' (carried to a T5X/Orbax output) or 'drop'.")] = "keep",
+    max_memory: MaxMemoryOpt = None,
 ):
     """Convert a checkpoint between formats without fusing (T5X/Orbax T5 <-> Hugging Face T5).
 
     Example: deepfuse convert t5x_model/ --to safetensors -o hf_model/
     """
     plan = _build([source], None, rules, None, "rule", 0.0, 0.0, "offdiag", 0, dtype, max_shard_size, step,
-                  to, optimizer_state, convert_only=True)
+                  to, optimizer_state, convert_only=True, max_memory=max_memory)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, False)
 
 
@@ -312,7 +319,7 @@ def plan_cmd(
     rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
     max_shard_size: ShardOpt = "5GB", as_json: JsonOpt = False, step: StepOpt = None, to: ToOpt = None,
-    optimizer_state: OptStateOpt = "drop",
+    optimizer_state: OptStateOpt = "drop", max_memory: MaxMemoryOpt = None,
 ):
     """Show every output tensor (rule, op, shapes, dtype, bytes), totals, peak memory and disk needed.
 
@@ -324,7 +331,7 @@ def plan_cmd(
     elif len(sources) < 2:
         raise UsageError("plan needs two or more sources, or one with --times K")
     plan = _build(sources, times, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
-                  to, optimizer_state)
+                  to, optimizer_state, max_memory=max_memory)
     _print_plan(plan, as_json)
 
 

@@ -157,7 +157,7 @@ class _RowBlocks:
     _END = object()
 
     def __init__(self, plan: Plan, entries: list[PlanEntry]):
-        self.ring = ops.BufferRing(ops.BLOCKS_AHEAD + 3)
+        self.ring = ops.BufferRing(ops.BLOCKS_AHEAD + 3, noise_ahead=plan.noise_ahead_bytes)
         self._queue: queue.Queue = queue.Queue(ops.BLOCKS_AHEAD)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(plan, entries), name="deepfuse-fuse", daemon=True)

@@ -336,9 +336,10 @@ class BufferRing:
     be done with a block before ``count - 1`` further blocks are requested from the same ring.
     """
 
-    def __init__(self, count: int = 3):
+    def __init__(self, count: int = 3, noise_ahead: int | None = None):
         if count < 2:
             raise ValueError("a buffer ring needs at least 2 buffers")
+        self.noise_ahead = NOISE_AHEAD_BYTES if noise_ahead is None else noise_ahead  # bytes of noise drawn ahead
         self._bufs: list[Tensor | None] = [None] * count
         self._keys: list[object] = [None] * count
         self._next = 0
@@ -365,10 +366,10 @@ class BufferRing:
         return buf[:nbytes].view(dtype).view(tuple(shape)), same
 
     def reserve(self, nbytes: int) -> bool:
-        """Claim ``nbytes`` of the ``NOISE_AHEAD_BYTES`` allowance for noise drawn ahead (shared by
+        """Claim ``nbytes`` of the ``noise_ahead`` allowance for noise drawn ahead (shared by
         everything using this ring); False, claiming nothing, when it does not fit."""
         with self._lock:
-            if self._reserved + nbytes > NOISE_AHEAD_BYTES:
+            if self._reserved + nbytes > self.noise_ahead:
                 return False
             self._reserved += nbytes
             return True
@@ -391,7 +392,7 @@ class BufferRing:
         with self._lock:
             self._spare.append(base)
             self._spare.sort(key=Tensor.numel)
-            while sum(x.numel() for x in self._spare) * 4 > NOISE_AHEAD_BYTES:
+            while sum(x.numel() for x in self._spare) * 4 > self.noise_ahead:
                 self._spare.pop(0)
 
 

@@ -28,6 +28,7 @@ NormMode = Literal["rule", "prop"]
 NoiseMode = Literal["offdiag", "preserving"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
+MIN_NOISE_AHEAD = 8 * 2**20  # below this, noise on the second core stops paying for itself
 STREAM_BUFFERS = 64 * 2**20  # streaming writes: staging buffers, noise pieces, queues
 
 
@@ -131,6 +132,7 @@ class Plan:
     conversion: Any = None  # convert.Conversion: plan names -> the output format's names
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
     state: Any = None  # optimizer_state.StatePlan when the optimizer state is fused
+    noise_ahead_bytes: int = fusion_ops.NOISE_AHEAD_BYTES  # noise drawn ahead on the second core (streaming)
 
     @property
     def n(self) -> int:
@@ -164,7 +166,7 @@ class Plan:
                 work = previous + loaded + (fusion_ops.BLOCKS_AHEAD + 3) * max(fusion_ops.CHUNK_BYTES, row)
                 work += STREAM_BUFFERS
                 if e.noise:  # drawn ahead, and as many kept for reuse
-                    work += 2 * min(fusion_ops.NOISE_AHEAD_BYTES, 4 * numel)
+                    work += 2 * min(self.noise_ahead_bytes, 4 * numel)
             else:
                 work = e.nbytes + loaded
                 if e.noise:  # one fp32 noise block at a time
@@ -172,6 +174,17 @@ class Plan:
             previous = loaded
             worst = max(worst, work)
         return worst + BASE_MEMORY
+
+    def fit_memory(self, limit: int) -> None:
+        """Make the run's memory estimate fit ``limit`` (less noise drawn ahead), or refuse."""
+        while self.peak_memory > limit and self.noise_ahead_bytes > MIN_NOISE_AHEAD:
+            self.noise_ahead_bytes = max(MIN_NOISE_AHEAD, self.noise_ahead_bytes // 2)
+        if self.peak_memory > limit:
+            mib = 2**20
+            raise UsageError(f"the run needs about {self.peak_memory / mib:.0f} MiB of memory at its peak, more than "
+                             f"--max-memory {limit / mib:.0f} MiB",
+                             "raise --max-memory: the floor is ~400 MiB of runtime plus two consecutive source tensors "
+                             "(safetensors output) or the largest fused tensor (T5X/Orbax output)")
 
     @property
     def disk_needed(self) -> int:
