@@ -15,27 +15,15 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     if p.is_dir():
-        for module in _jax_adapters():
-            detect = getattr(module, f"is_{module.__name__.rsplit('.', 1)[-1]}_checkpoint")
-            if detect(p):
-                return _with_t5x_config(getattr(module, f"read_{module.__name__.rsplit('.', 1)[-1]}")(p, step=step))
+        from . import orbax, t5x
+
+        if t5x.is_t5x_checkpoint(p):  # legacy T5X first: its step directories are unambiguous
+            return _with_t5x_config(t5x.read_t5x(p, step=step))
+        if orbax.is_orbax_checkpoint(p):
+            return _with_t5x_config(orbax.read_orbax(p, step=step))
     if step is not None:
         raise InputError(f"{p}: --step applies to T5X/Orbax checkpoints only")
     return read_hf(p)
-
-
-def _jax_adapters() -> list:
-    """The T5X and Orbax adapters (legacy T5X first: its step dirs are unambiguous)."""
-    import importlib
-
-    found = []
-    for name in ("t5x", "orbax"):
-        try:
-            found.append(importlib.import_module(f"{__name__}.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    return found
 
 
 def _with_t5x_config(ck: Checkpoint) -> Checkpoint:

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ DESIRED_CHUNK_BYTES = 64 * 1024 * 1024
 MSGPACK_MAX_CHUNK = 2**30
 #: write_chunks gathers at most this much of an array before writing it (else it stages on disk)
 MAX_SLAB_BYTES = 2 * DESIRED_CHUNK_BYTES
+#: blocks (each at most one slab) handed to tensorstore and not yet written: gzip compresses one chunk on
+#: one thread, so as many blocks as cores are compressed at once, across chunks and across arrays
+MAX_IN_FLIGHT = max(2, os.cpu_count() or 1)
 CHUNKED_KEY = "__msgpack_chunked_array__"
 DEFAULT_COMPRESSION = {"id": "gzip", "level": 1}
 COMPRESSORS = ("gzip", "zstd", "zlib", "bz2", "blosc")
@@ -643,6 +647,10 @@ class T5XWriter(CheckpointWriter):
 
     ``write_chunks`` streams an array through slabs of whole zarr chunk rows (see there).
 
+    Writes are pipelined: each block goes to tensorstore without waiting for it (at most
+    ``MAX_IN_FLIGHT`` blocks pending, so chunks are compressed on every core while the next tensor is
+    computed); an array's files are fsynced and hashed once all its blocks are written, in order.
+
     ``metadata``: ``step`` (int, required), ``layout`` (``"root"``: write ``directory/checkpoint_<step>/``;
     ``"step"``: write into ``directory`` itself; default ``"root"``), ``compression`` (zarr compressor,
     default gzip level 1 as a single-device T5X save writes). Tensor names are ``target/...`` and,
@@ -675,6 +683,9 @@ class T5XWriter(CheckpointWriter):
         self.digests: dict[str, str] = {}
         self._aborted = False
         self._staging: Path | None = None
+        self._in_flight: deque = deque()  # (array seq, target, write future, source array kept alive)
+        self._to_close: deque = deque()  # (array seq, dirname, target, store), in write order
+        self._seq = 0
 
     @staticmethod
     def _compression(value: Any) -> dict:
@@ -748,12 +759,9 @@ class T5XWriter(CheckpointWriter):
             self._insert(name, _chunk_inline(np.array(arr, copy=True)))
         else:
             spec, store, target = self._create(dirname, arr.shape, arr.dtype)
-            try:
-                store.write(arr).result()
-            except Exception as exc:  # noqa: BLE001
-                raise InputError(f"{target}: cannot write array ({_one_line(exc)})") from None
-            del store
-            self._close_array(dirname, target)
+            # a copy: the caller may reuse the tensor once this returns, tensorstore writes later
+            self._write_block(store, target, (), np.array(arr, copy=True))
+            self._array_done(dirname, target, store)
             self._insert(name, spec)
         self._pos += 1
 
@@ -780,9 +788,10 @@ class T5XWriter(CheckpointWriter):
                 self._write_by_slabs(store, target, pieces, shape, np_dtype, slab_rows, row_bytes)
             else:
                 self._write_staged(store, target, pieces, shape, np_dtype, spec["metadata"]["chunks"])
-        finally:
-            del store
-        self._close_array(dirname, target)
+        except BaseException:
+            self._wait_all(raise_errors=False)
+            raise
+        self._array_done(dirname, target, store)
         self._insert(name, spec)
         self._pos += 1
 
@@ -811,6 +820,8 @@ class T5XWriter(CheckpointWriter):
                     arr = np.frombuffer(slab, dtype=dtype).reshape((slab_rows, *shape[1:]))
                     self._write_block(store, target, (slice(row, row + slab_rows),), arr)
                     row, fill = row + slab_rows, 0
+                    if row < shape[0]:  # the slab belongs to tensorstore until written: a new one
+                        slab = bytearray(slab_rows * row_bytes)
 
     def _write_staged(self, store, target: Path, pieces, shape, dtype, chunk_shape) -> None:
         staging = target.parent / f".{target.name}.staging"
@@ -831,12 +842,46 @@ class T5XWriter(CheckpointWriter):
             staging.unlink(missing_ok=True)
             self._staging = None
 
-    @staticmethod
-    def _write_block(store, target: Path, index: tuple, arr: np.ndarray) -> None:
+    def _write_block(self, store, target: Path, index: tuple, arr: np.ndarray) -> None:
+        """Hand one block to tensorstore without waiting for it; ``arr`` must not change afterwards."""
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._wait_oldest()
         try:
-            store[index].write(arr).result()
+            future = store[index].write(arr, can_reference_source_data_indefinitely=True)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{target}: cannot write array ({_one_line(exc)})") from None
+        self._in_flight.append((self._seq, target, future, arr))
+
+    def _wait_oldest(self) -> None:
+        _seq, target, future, _arr = self._in_flight.popleft()
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{target}: cannot write array ({_one_line(exc)})") from None
+        self._close_written()
+
+    def _array_done(self, dirname: str, target: Path, store) -> None:
+        """Every block of the array is handed over: close it once they are written."""
+        self._to_close.append((self._seq, dirname, target, store))
+        self._seq += 1
+        self._close_written()
+
+    def _close_written(self) -> None:
+        """fsync and hash, in write order, the arrays none of whose blocks are still pending."""
+        pending = self._in_flight[0][0] if self._in_flight else self._seq
+        while self._to_close and self._to_close[0][0] < pending:
+            _seq, dirname, target, _store = self._to_close.popleft()
+            self._close_array(dirname, target)
+
+    def _wait_all(self, raise_errors: bool = True) -> None:
+        while self._in_flight:
+            try:
+                self._wait_oldest()
+            except Exception:
+                if raise_errors:
+                    raise
+        if not raise_errors:
+            self._to_close.clear()
 
     def _spec(self, dirname: str, shape: tuple[int, ...], dtype: np.dtype) -> dict:
         """The spec T5X stores (tensorstore's normalised JSON of ``_get_spec``)."""
@@ -870,6 +915,8 @@ class T5XWriter(CheckpointWriter):
     def finish(self) -> list[Path]:
         if self._pos != len(self._plan):
             raise RuntimeError(f"internal error: {len(self._plan) - self._pos} planned tensors were never written")
+        self._wait_all()
+        self._close_written()
         self.step_dir.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {}
         if "state" in self._tree:
@@ -894,9 +941,10 @@ class T5XWriter(CheckpointWriter):
         return list(self._files)
 
     def abort(self) -> None:
-        """Arrays are closed as they are written; only a staging file may be left: remove it."""
+        """Wait for pending writes (nothing keeps writing into the directory), remove a staging file."""
         self._aborted = True
         self._tree = {}
+        self._wait_all(raise_errors=False)
         if self._staging is not None:
             self._staging.unlink(missing_ok=True)
             self._staging = None
