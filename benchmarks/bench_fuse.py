@@ -14,6 +14,8 @@ Generates the checkpoint (no downloads), then in one invocation measures, each a
 Prints one table with time ratios to dd (``x dd``: to the bs=16M row), CPU seconds (user + system,
 less sensitive than wall time to other work on a shared machine) and peak RSS against the bound
 1.25 x largest fused tensor + 400 MiB. ``--repeat N`` reports the fastest of N runs of each row.
+
+T5X / Orbax outputs (gzip / zstd compressed): ``benchmarks/bench_t5x.py`` (shares this file's helpers).
 """
 
 from __future__ import annotations

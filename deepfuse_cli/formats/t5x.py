@@ -27,6 +27,7 @@ as the chunk. The writer writes what a single-host T5X save writes, byte for byt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -789,7 +790,7 @@ class T5XWriter(CheckpointWriter):
             else:
                 self._write_staged(store, target, pieces, shape, np_dtype, spec["metadata"]["chunks"])
         except BaseException:
-            self._wait_all(raise_errors=False)
+            self._drain()
             raise
         self._array_done(dirname, target, store)
         self._insert(name, spec)
@@ -873,15 +874,13 @@ class T5XWriter(CheckpointWriter):
             _seq, dirname, target, _store = self._to_close.popleft()
             self._close_array(dirname, target)
 
-    def _wait_all(self, raise_errors: bool = True) -> None:
+    def _drain(self) -> None:
+        """After a failure: wait for every pending write (errors ignored), so nothing keeps writing."""
         while self._in_flight:
-            try:
-                self._wait_oldest()
-            except Exception:
-                if raise_errors:
-                    raise
-        if not raise_errors:
-            self._to_close.clear()
+            _seq, _target, future, _arr = self._in_flight.popleft()
+            with contextlib.suppress(Exception):  # the first error is already being raised
+                future.result()
+        self._to_close.clear()
 
     def _spec(self, dirname: str, shape: tuple[int, ...], dtype: np.dtype) -> dict:
         """The spec T5X stores (tensorstore's normalised JSON of ``_get_spec``)."""
@@ -915,7 +914,8 @@ class T5XWriter(CheckpointWriter):
     def finish(self) -> list[Path]:
         if self._pos != len(self._plan):
             raise RuntimeError(f"internal error: {len(self._plan) - self._pos} planned tensors were never written")
-        self._wait_all()
+        while self._in_flight:
+            self._wait_oldest()
         self._close_written()
         self.step_dir.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {}
@@ -944,7 +944,7 @@ class T5XWriter(CheckpointWriter):
         """Wait for pending writes (nothing keeps writing into the directory), remove a staging file."""
         self._aborted = True
         self._tree = {}
-        self._wait_all(raise_errors=False)
+        self._drain()
         if self._staging is not None:
             self._staging.unlink(missing_ok=True)
             self._staging = None
