@@ -153,6 +153,18 @@ def drop(path: Path) -> None:
         path.unlink()
 
 
+def best_of(cmd: list[str], repeat: int, *leftovers: Path) -> tuple[float, int, float]:
+    """The fastest of ``repeat`` runs (wall s, with its CPU s) and the highest peak RSS of them all;
+    ``leftovers`` (the run's outputs) are removed after each run."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(measure(cmd))
+        for p in leftovers:
+            drop(p)
+    fastest = min(runs)
+    return fastest[0], max(r[1] for r in runs), fastest[2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="size of the synthetic source (GB)")
@@ -175,14 +187,7 @@ def main() -> None:
         load_before = os.getloadavg()[0]
 
         def best(cmd: list[str]) -> tuple[float, int, float]:
-            """The fastest of ``--repeat`` runs (its CPU time), and the highest peak RSS of them all."""
-            runs = []
-            for _ in range(args.repeat):
-                runs.append(measure(cmd))
-                drop(out)
-                drop(work / "dd.bin")
-            fastest = min(runs)
-            return fastest[0], max(r[1] for r in runs), fastest[2]
+            return best_of(cmd, args.repeat, out, work / "dd.bin")
 
         fuse = [*exe, "self-fuse", str(src), "--times", "2", "-o", str(out), "-q"]
         measure(fuse)

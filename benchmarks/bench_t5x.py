@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_fuse import dd_command, drop, measure
+from bench_fuse import best_of, dd_command, drop, measure
 
 #: T5 1.1 "large"-like widths (t5x/examples/t5/t5_1_1), a few layers
 T5_DIMS = {"vocab": 32128, "emb": 1024, "heads": 16, "head_dim": 64, "mlp": 2816, "buckets": 32}
@@ -156,14 +156,7 @@ def main() -> None:
         rows = []
 
         def best(cmd: list[str]) -> tuple[float, int, float]:
-            """The fastest of ``--repeat`` runs (its CPU time), and the highest peak RSS of them all."""
-            runs = []
-            for _ in range(args.repeat):
-                runs.append(measure(cmd))
-                drop(out)
-                drop(work / "dd.bin")
-            fastest = min(runs)
-            return fastest[0], max(r[1] for r in runs), fastest[2]
+            return best_of(cmd, args.repeat, out, work / "dd.bin")
 
         for fmt, label in (("t5x", "T5X -> T5X (zarr2 gzip 1)"), ("orbax", "Orbax -> Orbax (OCDBT zarr2 zstd 1)")):
             fuse = [*exe, "self-fuse", str(work / f"src-{fmt}"), "--times", "2", "-o", str(out), "-q"]

@@ -158,6 +158,9 @@ def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std
     return plan
 
 
+FORMAT_NAMES = {"hf": "safetensors", "t5x": "T5X", "orbax": "Orbax"}
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -172,8 +175,7 @@ def _print_plan(plan, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(plan.to_json()))
         return
-    fmt = {"hf": "safetensors", "t5x": "T5X", "orbax": "Orbax"}.get(plan.output_format, plan.output_format)
-    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}, -> {fmt}"
+    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}, -> {FORMAT_NAMES[plan.output_format]}"
                   f"{' (self-fusion)' if plan.options.self_fusion else ''}, norm={plan.options.norm}",
                   caption=f"{len(plan.entries)} tensors, {_human(plan.total_bytes)} to write; "
                           f"peak memory ~{_human(plan.peak_memory)}; disk needed ~{_human(plan.disk_needed)}")
@@ -231,7 +233,7 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
             shards = sum(1 for f in result.files if f.endswith(".safetensors"))
             where = f"{shards} shard(s)"
         else:
-            where = f"a {'T5X' if plan.output_format == 't5x' else 'Orbax'} checkpoint ({len(result.files)} files)"
+            where = f"a {FORMAT_NAMES[plan.output_format]} checkpoint ({len(result.files)} files)"
         err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {where} "
                   f"in {elapsed:.1f} s", highlight=False)
     if verify:

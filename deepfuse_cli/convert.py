@@ -13,7 +13,6 @@ the same conversion: the same adapters without fusion.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ def resolve_output_format(to: str | None, first: Checkpoint) -> str:
     return TO_FORMATS[key]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Conversion:
     """Renames (and transposes) planned tensors into the output format's naming."""
 
@@ -64,9 +63,6 @@ class Conversion:
     def outputs(self, entries) -> list[OutputTensor]:
         return [OutputTensor(self.out_name(e.name), self.out_shape(e.name, e.shape), e.dtype)
                 for e in entries if e.name not in self.drop]
-
-    def inverse_name(self) -> dict[str, str]:
-        return {v: k for k, v in self.rename.items()}
 
     def to_json(self) -> dict[str, Any]:
         return {"renamed": len(self.rename), "transposed": sorted(self.transpose), "dropped": sorted(self.drop)}
@@ -147,7 +143,3 @@ def writer_metadata(output_format: str, first: Checkpoint) -> dict:
     elif step is not None and first.format == "t5x":  # a T5X train state keeps its step
         out["extra_leaves"] = {"state/step": np.int32(step)}
     return out
-
-
-def gin_path(output: Path) -> Path:
-    return output / "fused.gin"

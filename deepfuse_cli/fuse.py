@@ -31,7 +31,7 @@ from .formats.base import OutputTensor
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME, HFWriter
 from .ir import Checkpoint
-from .convert import IDENTITY, writer_metadata
+from .convert import writer_metadata
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
 
@@ -315,8 +315,8 @@ def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) 
         "deepfuse_version": __version__,
         "kind": "conversion" if o.convert_only else ("self-fusion" if o.self_fusion else "fusion"),
         "output_format": plan.output_format,
-        "conversion": (plan.conversion or IDENTITY).to_json(),
-        "optimizer_state": o.optimizer_state if any(ck.metadata.get("optimizer_state") for ck in plan.sources) else None,
+        "conversion": plan.conversion.to_json(),
+        "optimizer_state": o.optimizer_state if plan.sources_have_optimizer_state else None,
         "n": plan.n,
         "sources": sources_info,
         "preset": plan.preset.name,
@@ -365,7 +365,7 @@ def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
 
         what = ("converted by deepfuse" if plan.options.convert_only else
                 f"Deep Fusion of {plan.n} models by deepfuse {__version__}")
-        carried = plan.options.optimizer_state == "fuse" and any(ck.metadata.get("optimizer_state") for ck in plan.sources)
+        carried = plan.state is not None
         data = gin_overrides(cfg, note=f"Model widths of this checkpoint ({what})",
                              optimizer_state=None if carried else "drop").encode()
         write_file(tmp / "fused.gin", data)
@@ -381,7 +381,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
     tmp = output.parent / f".{output.name}.deepfuse-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    conversion = plan.conversion or IDENTITY
+    conversion = plan.conversion
     outputs = conversion.outputs(plan.entries)
     if plan.state is not None:
         outputs += [OutputTensor(e.name, e.shape, e.dtype) for e in plan.state.entries]

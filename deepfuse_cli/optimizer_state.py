@@ -65,11 +65,9 @@ def factored_dims(shape: tuple[int, ...], min_dim: int) -> tuple[int, int] | Non
     return int(order[-2]), int(order[-1])
 
 
-def _is_factored(state: dict, origin: str, name: str) -> bool:
-    v, vr = tuple(state["v"].shape), tuple(state["v_row"].shape)
-    if v == (1,) and vr != (1,):
-        return True
-    return False
+def _is_factored(state: dict) -> bool:
+    """Adafactor keeps v_row/v_col (and a (1,) placeholder v) for a factored parameter."""
+    return tuple(state["v"].shape) == (1,) and tuple(state["v_row"].shape) != (1,)
 
 
 def infer_min_dim(param_shapes: dict[str, tuple[int, ...]], states: dict[str, dict], origin: str) -> int:
@@ -79,7 +77,7 @@ def infer_min_dim(param_shapes: dict[str, tuple[int, ...]], states: dict[str, di
         if len(shape) < 2 or name not in states:
             continue
         second = sorted(shape)[-2]
-        if _is_factored(states[name], origin, name):
+        if _is_factored(states[name]):
             high = min(high, second)
         else:
             low = max(low, second + 1)
@@ -142,6 +140,7 @@ class StatePlan:
         self._states: list[dict[str, dict]] = []  # per source: param -> {leaf: TensorRef}
         self._momentum = False
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._params = {e.name: e for e in plan.entries}
 
     @classmethod
     def build(cls, plan) -> StatePlan:
@@ -185,7 +184,7 @@ class StatePlan:
         from .fuse import compute_tensor
 
         plan = self.plan
-        pe = next(e for e in plan.entries if e.name == param)
+        pe = self._params[param]
         n = plan.n
         states = [s.get(param) for s in self._states]
         structural = replace(pe, noise=False, scales=[1.0] * n if pe.scales is not None else None, dtype=torch.float32)

@@ -18,6 +18,7 @@ import torch
 
 from . import architectures
 from . import ops as fusion_ops
+from .convert import IDENTITY, Conversion, conversion_for, output_config, resolve_output_format
 from .errors import InputError, UsageError
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
@@ -129,7 +130,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     nonfinite: list[dict[str, Any]] = field(default_factory=list)  # filled while fusing (--allow-nonfinite)
     output_format: str = "hf"
-    conversion: Any = None  # convert.Conversion: plan names -> the output format's names
+    conversion: Conversion = IDENTITY  # plan names -> the output format's names and layout
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
     state: Any = None  # optimizer_state.StatePlan when the optimizer state is fused
     noise_ahead_bytes: int = fusion_ops.NOISE_AHEAD_BYTES  # noise drawn ahead on the second core (streaming)
@@ -137,6 +138,10 @@ class Plan:
     @property
     def n(self) -> int:
         return len(self.sources)
+
+    @property
+    def sources_have_optimizer_state(self) -> bool:
+        return any(ck.metadata.get("optimizer_state") for ck in self.sources)
 
     @property
     def total_bytes(self) -> int:
@@ -156,7 +161,7 @@ class Plan:
         whole: the fused tensor, its sources (unique loads) and one fp32 noise block.
         """
         streaming = self.output_format == "hf"
-        transposed = getattr(self.conversion, "transpose", frozenset())
+        transposed = self.conversion.transpose
         worst, previous = 0, 0
         for e in self.entries:
             loaded = e.source_bytes // self.n if self.options.self_fusion else e.source_bytes
@@ -434,8 +439,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 weights_rescaled=weights_rescaled)
     plan.config = widen_config(sources, preset, options, groups)
     _resolve_output(plan, names)
-    has_state = any(ck.metadata.get("optimizer_state") for ck in sources)
-    if options.optimizer_state == "fuse" and (has_state or not options.convert_only):
+    if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
         if plan.output_format == "hf":
             plan.notes.append("optimizer state is not written to a Hugging Face directory (--optimizer-state fuse "
                               "applies to T5X/Orbax outputs)")
@@ -448,8 +452,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))
-    if options.optimizer_state == "drop" and any(ck.metadata.get("optimizer_state") for ck in sources) \
-            and not options.convert_only:
+    if options.optimizer_state == "drop" and plan.sources_have_optimizer_state and not options.convert_only:
         plan.notes.append("optimizer state not carried over (--optimizer-state drop): restore with a fresh "
                           "optimizer (see fused.gin)")
     if options.norm == "rule" and n > 1 and not options.self_fusion:
@@ -460,8 +463,6 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:
     """Output format, the name conversion it needs, and the config the output carries."""
-    from .convert import conversion_for, output_config, resolve_output_format
-
     fmt = resolve_output_format(plan.options.output_format, plan.sources[0])
     plan.output_format = fmt
     plan.conversion = conversion_for(plan.preset.architecture, names, fmt)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from deepfuse_cli.cli import app
+from deepfuse_cli.formats.files import sha256_file
 
 runner = CliRunner()
 
@@ -79,8 +84,7 @@ def assert_fused_function(fused_logits, fused_hidden, srcs: list[tuple[torch.Ten
 def digest_tree(path: Path) -> dict[str, str]:
     path = Path(path)
     files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
-    return {str(p.relative_to(path) if path.is_dir() else p.name): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
+    return {str(p.relative_to(path) if path.is_dir() else p.name): sha256_file(p) for p in files}
 
 
 def clean_refusal(result, contains: list[str]) -> str:
@@ -96,3 +100,21 @@ def clean_refusal(result, contains: list[str]) -> str:
     for text in contains:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
     return errors[0]
+
+
+def deepfuse_on_private_tmpfs(mount: Path, options: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``deepfuse ARGS`` with a fresh tmpfs (mount ``options``, e.g. ``ro,size=64k``) at ``mount``, in a
+    private mount namespace that vanishes with the process; stderr's last line is ``left: <what the run
+    left in it>``. Mounting needs root and ``unshare``; CI runs as root with unshare, so these tests run there.
+    Elsewhere the test is skipped: as a normal user the read-only case uses permission bits instead, and
+    the free-space refusal also has an in-process test with a faked free-space figure."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("mounting a tmpfs needs root and unshare")
+    script = (f'd=$1; shift; mount -t tmpfs -o {options} deepfuse-test "$d" || exit 99; '
+              '"$@"; rc=$?; echo "left: $(ls -A "$d")" >&2; exit $rc')
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(mount),
+                          sys.executable, "-m", "deepfuse_cli", *map(str, args)],
+                         check=False, capture_output=True, text=True, timeout=120)
+    if res.returncode == 99 or "unshare:" in res.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()[:200]}")
+    return res

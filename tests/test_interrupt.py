@@ -6,9 +6,7 @@ no output and no temporary directory, inputs byte-identical, and an existing out
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
+from .helpers import deepfuse_on_private_tmpfs, digest_tree
+
 
 # Llama-shaped, bf16: ~124 MB in, ~430 MB out for self-fusion x2 (about a second of writing)
 SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 4, "heads": 16, "kv_heads": 4, "vocab": 8192}
@@ -55,18 +54,6 @@ def make_llama(directory: Path) -> Path:
               "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
     (directory / "config.json").write_text(json.dumps(config))
     return directory
-
-
-def digest_tree(path: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                while chunk := fh.read(2**24):
-                    h.update(chunk)
-            out[str(p.relative_to(path))] = h.hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -172,19 +159,11 @@ def test_full_disk_mid_write_leaves_nothing(force, big, tmp_path):
 
 def test_run_that_does_not_fit_is_refused_before_writing(big, tmp_path):
     """The free-space check: a destination with less room than the plan needs is refused up front
-    (a 16 MiB tmpfs in a private mount namespace; needs root and unshare, else skipped)."""
+    (a 16 MiB tmpfs in a private mount namespace; needs root and unshare, as on CI)."""
     src, src_digest = big
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare to mount a small tmpfs")
     mount = tmp_path / "small"
     mount.mkdir()
-    script = ('d=$1; shift; mount -t tmpfs -o size=16m deepfuse-small "$d" || exit 99; '
-              '"$@"; rc=$?; echo "left: $(ls -A "$d")" >&2; exit $rc')
-    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(mount),
-                          sys.executable, "-m", "deepfuse_cli", "self-fuse", str(src), "-o", str(mount / "out")],
-                         check=False, capture_output=True, text=True, timeout=120)
-    if res.returncode == 99 or "unshare:" in res.stderr:
-        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip()[:200]}")
+    res = deepfuse_on_private_tmpfs(mount, "size=16m", "self-fuse", src, "-o", mount / "out")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.splitlines()
     assert lines[0].startswith("error: not enough free space") and "Traceback" not in res.stderr, res.stderr

@@ -299,6 +299,17 @@ def test_chunk_shape_rule():
     assert t5x.choose_chunk_shape((), 10) == []
 
 
+def write_and_read(directory: Path, tensors: dict[str, torch.Tensor], step: int):
+    """Write ``tensors`` with T5XWriter (step layout), read back: (checkpoint, name -> ref of params and state)."""
+    w = t5x.T5XWriter(directory, [OutputTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
+                      {"step": step, "layout": "step"})
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.finish()
+    back = t5x.read_t5x(directory)
+    return back, {**back.tensors, **back.metadata["optimizer_state"]}
+
+
 def test_bfloat16_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -307,13 +318,7 @@ def test_bfloat16_round_trip(tmp_path):
         "state/param_states/decoder/logits_dense/kernel/v_row": torch.rand(8, generator=g).to(torch.bfloat16),
         "state/param_states/encoder/encoder_norm/scale/v": torch.rand(8, generator=g).to(torch.bfloat16),
     }
-    w = t5x.T5XWriter(tmp_path, [OutputTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
-                      {"step": 7, "layout": "step"})
-    for k, v in tensors.items():
-        w.write(k, v)
-    w.finish()
-    back = t5x.read_t5x(tmp_path)
-    got = {**back.tensors, **back.metadata["optimizer_state"]}
+    back, got = write_and_read(tmp_path, tensors, step=7)
     assert list(got) == sorted(tensors, key=lambda n: (not n.startswith("target/"), n))
     for k, v in tensors.items():
         assert got[k].dtype == torch.bfloat16 and torch.equal(got[k].load().view(torch.int16), v.view(torch.int16))
@@ -474,13 +479,7 @@ def test_edge_shapes_round_trip(tmp_path):
         "state/param_states/scalar/v": torch.tensor(2.0),
         "state/param_states/empty/v": torch.zeros(0, 4),
     }
-    w = t5x.T5XWriter(tmp_path, [OutputTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
-                      {"step": 3, "layout": "step"})
-    for k, v in tensors.items():
-        w.write(k, v)
-    w.finish()
-    back = t5x.read_t5x(tmp_path)
-    got = {**back.tensors, **back.metadata["optimizer_state"]}
+    back, got = write_and_read(tmp_path, tensors, step=3)
     for k, v in tensors.items():
         assert got[k].shape == tuple(v.shape) and torch.equal(got[k].load(), v), k
     assert back.metadata["step"] == 3

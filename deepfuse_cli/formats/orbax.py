@@ -46,7 +46,7 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
 from .base import CheckpointWriter, OutputTensor
-from .files import fsync_path
+from .files import fsync_path, write_file
 
 METADATA = "_METADATA"
 STRINGS = "_strings.json"
@@ -505,13 +505,19 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return i
 
 
+def _prefix_split(items: list[bytes]) -> tuple[list[int], list[bytes]]:
+    """OCDBT prefix compression of a sorted list: the length each item shares with the one before
+    (one per item after the first) and what remains of each item."""
+    prefixes = [_common_prefix(items[i], items[i + 1]) for i in range(len(items) - 1)]
+    return prefixes, [items[i][prefixes[i - 1]:] if i else items[i] for i in range(len(items))]
+
+
 def _data_file_table(paths: list[bytes]) -> bytes:
     """Prefix-compressed table of data file paths (relative to the database; no base paths)."""
     out = bytearray(_varint(len(paths)))
-    prefixes = [_common_prefix(paths[i], paths[i + 1]) for i in range(len(paths) - 1)]
+    prefixes, suffixes = _prefix_split(paths)
     for p in prefixes:
         out += _varint(p)
-    suffixes = [paths[i][prefixes[i - 1]:] if i else paths[i] for i in range(len(paths))]
     for sfx in suffixes:
         out += _varint(len(sfx))
     for _ in paths:
@@ -584,10 +590,7 @@ class OcdbtWriter:
     def _write(self, rel: str, data: bytes) -> None:
         path = self.directory / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_file(path, data)
         self.digests[rel] = hashlib.sha256(data).hexdigest()
 
     def finish(self) -> list[str]:
@@ -599,10 +602,9 @@ class OcdbtWriter:
         body = bytearray(b"\x00")  # height 0: a leaf
         body += _data_file_table([f.encode() for f in names])
         body += _varint(len(keys))
-        prefixes = [_common_prefix(keys[i], keys[i + 1]) for i in range(len(keys) - 1)]
+        prefixes, suffixes = _prefix_split(keys)
         for p in prefixes:
             body += _varint(p)
-        suffixes = [keys[i][prefixes[i - 1]:] if i else keys[i] for i in range(len(keys))]
         for sfx in suffixes:
             body += _varint(len(sfx))
         for sfx in suffixes:
@@ -858,10 +860,7 @@ class OrbaxWriter(CheckpointWriter):
 
     def _write_small(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_file(path, data)
         self.digests[path.relative_to(self.directory).as_posix()] = hashlib.sha256(data).hexdigest()
 
     def abort(self) -> None:

@@ -48,7 +48,7 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
 from .base import CheckpointWriter, OutputTensor, as_bytes
-from .files import fsync_path, sha256_file
+from .files import fsync_path, sha256_file, write_file
 
 MSGPACK_FILE = "checkpoint"
 VERSION = 3
@@ -927,11 +927,7 @@ class T5XWriter(CheckpointWriter):
         # dict as jax's tree_unflatten rebuilt it (keys sorted)
         payload = msgpack.packb({"version": VERSION, "optimizer": _sorted_tree(optimizer)},
                                 default=_ext_default, strict_types=True)
-        path = self.step_dir / MSGPACK_FILE
-        with open(path, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_file(self.step_dir / MSGPACK_FILE, payload)
         rel = self._prefix / MSGPACK_FILE
         self.digests[rel.as_posix()] = hashlib.sha256(payload).hexdigest()
         self._files.append(rel)

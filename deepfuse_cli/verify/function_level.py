@@ -119,14 +119,14 @@ def hf_view(ck: Checkpoint, workdir: Path) -> Path:
     return dest
 
 
-def verify_function(plan: Plan, fused_path: Path, report: Report, *, probes: int, seq_len: int, seed: int,
+def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, probes: int, seq_len: int, seed: int,
                     tol: float | None, strict: bool) -> list[Check]:
     with tempfile.TemporaryDirectory(prefix="deepfuse-verify-") as work:
-        return _verify_function(plan, fused_path, report, Path(work), probes=probes, seq_len=seq_len, seed=seed,
+        return _verify_function(plan, fused, report, Path(work), probes=probes, seq_len=seq_len, seed=seed,
                                 tol=tol, strict=strict)
 
 
-def _verify_function(plan: Plan, fused_path: Path, report: Report, work: Path, *, probes: int, seq_len: int,
+def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, *, probes: int, seq_len: int,
                      seed: int, tol: float | None, strict: bool) -> list[Check]:
     family = plan.preset.architecture
     config = plan.config or {}
@@ -160,10 +160,7 @@ def _verify_function(plan: Plan, fused_path: Path, report: Report, work: Path, *
         if key not in unique:
             unique[key] = run(hf_view(ck, work), ck.config or {})
         outs.append(unique[key])
-    from ..formats import open_checkpoint
-
-    fused_ck = open_checkpoint(fused_path)
-    fused_path = hf_view(fused_ck, work)
+    fused_path = hf_view(fused, work)
     w = plan.options.weights
     expected = sum(w[m] * outs[m][0] for m in range(n))
 

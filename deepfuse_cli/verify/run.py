@@ -166,7 +166,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         report.add(Check("function", "skip", "sources hold NaN/Inf (fused with --allow-nonfinite, recorded in the "
                          "manifest): no function to compare; tensor level only"))
     elif opts.function and fused.is_dir() and not plan.options.convert_only:
-        for check in verify_function(plan, fused, report, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
+        for check in verify_function(plan, fused_ck, report, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
                                      tol=opts.tol, strict=opts.strict):
             report.add(check)
     return report

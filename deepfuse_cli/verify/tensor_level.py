@@ -79,9 +79,7 @@ def diagnose(plan: Plan, entry: PlanEntry, actual: torch.Tensor, expected: torch
 
 def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | None) -> list[Check]:
     """Every planned tensor against the fused file (under the output format's names and layout)."""
-    from ..convert import IDENTITY
-
-    conv = plan.conversion or IDENTITY
+    conv = plan.conversion
     checks: list[Check] = []
     planned = {conv.out_name(e.name): e for e in plan.entries if e.name not in conv.drop}
     missing = [n for n in planned if n not in fused.tensors]
