@@ -136,6 +136,18 @@ def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, 
     return opts, rescaled
 
 
+def _hash_ahead(paths: list[Path], output: Path | None, dry_run: bool) -> None:
+    """A run records the sources' sha256: start it now, on the idle core, while torch is imported."""
+    if output is not None and not dry_run:
+        from .formats.files import prefetch_sha256
+        from .formats.hf_layout import likely_weight_files
+
+        try:
+            prefetch_sha256(f for p in dict.fromkeys(paths) for f in likely_weight_files(p))
+        except OSError:  # unreadable: the reader reports it properly
+            pass
+
+
 def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed,
            dtype, max_shard_size, step=None, to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False,
            max_memory=None):
@@ -265,6 +277,7 @@ def fuse(
     """
     if len(sources) < 2:
         raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
+    _hash_ahead(sources, output, dry_run)
     plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
                   to, optimizer_state, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
@@ -288,6 +301,7 @@ def self_fuse(
     """
     if times < 2:
         raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
+    _hash_ahead([source], output, dry_run)
     plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
                   to, optimizer_state, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
@@ -308,6 +322,7 @@ def convert(
 
     Example: deepfuse convert t5x_model/ --to safetensors -o hf_model/
     """
+    _hash_ahead([source], output, dry_run)
     plan = _build([source], None, rules, None, "rule", 0.0, 0.0, "offdiag", 0, dtype, max_shard_size, step,
                   to, optimizer_state, convert_only=True, max_memory=max_memory)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, False)

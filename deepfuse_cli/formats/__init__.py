@@ -1,12 +1,18 @@
-"""Format adapters: detect what a path holds and read it into the neutral IR."""
+"""Format adapters: detect what a path holds and read it into the neutral IR.
+
+Adapters (and torch) are imported when a checkpoint is opened, so that light helpers of this
+package (``files``, ``hf_layout``) can be used at start-up without them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..ir import Checkpoint
-from .hf import read_hf
+
+if TYPE_CHECKING:
+    from ..ir import Checkpoint
 
 
 def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
@@ -23,6 +29,8 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
             return _with_t5x_config(orbax.read_orbax(p, step=step))
     if step is not None:
         raise InputError(f"{p}: --step applies to T5X/Orbax checkpoints only")
+    from .hf import read_hf
+
     return read_hf(p)
 
 

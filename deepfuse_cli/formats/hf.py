@@ -24,15 +24,11 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .base import CheckpointWriter, OutputTensor
 from .files import write_file
+from .hf_layout import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES
 from .safetensors_io import SafetensorsFileWriter, read_safetensors_header
 from .torch_io import read_torch_file
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 MANIFEST_NAME = "deepfuse.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 #: files never copied from a source into the output (the output has its own)
 NOT_COPIED = {"config.json", SAFE_INDEX, BIN_INDEX, MANIFEST_NAME}
 
