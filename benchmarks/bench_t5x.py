@@ -147,6 +147,8 @@ def main() -> None:
                     help="run every row this many times and report the fastest (the machine may be shared)")
     args = ap.parse_args()
     size = 0.04 if args.quick else args.size_gb
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="deepfuse-bench-t5x-", dir=args.dir))
     try:
         info = make_sources(work, size, args.quick)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from deepfuse_cli import ops
 from deepfuse_cli.errors import InputError
-from deepfuse_cli.formats import open_checkpoint, safetensors_io
+from deepfuse_cli.formats import open_checkpoint, safetensors_io, staged_file
 from deepfuse_cli.formats.base import CheckpointWriter, OutputTensor
 from deepfuse_cli.formats.hf import HFWriter
 from deepfuse_cli.fuse import compute_tensor, write_plan
@@ -71,10 +71,10 @@ def tiny_blocks(request, monkeypatch):
     """Row blocks of ~200 bytes, 8 KiB staging buffers, writeback started every ~1 KB: every path
     runs many times; files written with O_DIRECT and through the page cache."""
     monkeypatch.setattr(ops, "CHUNK_BYTES", 200)
-    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 8192)
-    monkeypatch.setattr(safetensors_io, "STAGES", 2)
-    monkeypatch.setattr(safetensors_io, "WRITEBACK_BYTES", 1000)
-    monkeypatch.setattr(safetensors_io, "DIRECT_IO", request.param == "direct-io")
+    monkeypatch.setattr(staged_file, "STAGE_BYTES", 8192)
+    monkeypatch.setattr(staged_file, "STAGES", 2)
+    monkeypatch.setattr(staged_file, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(staged_file, "DIRECT_IO", request.param == "direct-io")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -193,14 +193,14 @@ def test_worker_error_reaches_the_caller_and_nothing_is_left(hf_fixtures, tmp_pa
 @pytest.mark.parametrize("direct", [True, False])
 def test_staged_file_bytes_and_digest(direct, tmp_path, monkeypatch):
     """Sizes around the staging buffer and the direct-I/O alignment; pieces of every size."""
-    monkeypatch.setattr(safetensors_io, "DIRECT_IO", direct)
-    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 8192)
-    monkeypatch.setattr(safetensors_io, "STAGES", 2)
+    monkeypatch.setattr(staged_file, "DIRECT_IO", direct)
+    monkeypatch.setattr(staged_file, "STAGE_BYTES", 8192)
+    monkeypatch.setattr(staged_file, "STAGES", 2)
     g = torch.Generator().manual_seed(0)
     for total in (1, 4095, 4096, 4097, 8191, 8192, 8193, 3 * 8192 + 5, 100_000):
         data = torch.randint(0, 256, (total,), generator=g, dtype=torch.uint8).numpy().tobytes()
         path = tmp_path / f"f{total}"
-        f = safetensors_io.StagedFile(path, sha256=True)
+        f = staged_file.StagedFile(path, sha256=True)
         if direct:
             assert f._direct  # the test filesystem takes O_DIRECT (ext4, xfs, tmpfs >= 6.6)
         pos, step = 0, 1
@@ -214,7 +214,7 @@ def test_staged_file_bytes_and_digest(direct, tmp_path, monkeypatch):
 
 
 def test_staged_file_abort_leaves_descriptor_closed(tmp_path):
-    f = safetensors_io.StagedFile(tmp_path / "x", sha256=True)
+    f = staged_file.StagedFile(tmp_path / "x", sha256=True)
     f.write(b"abc" * 10_000)
     f.abort()
     with pytest.raises(OSError):

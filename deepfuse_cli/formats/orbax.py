@@ -47,6 +47,7 @@ from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
 from .base import CheckpointWriter, OutputTensor
 from .files import fsync_path, write_file
+from .staged_file import StagedFile
 
 METADATA = "_METADATA"
 STRINGS = "_strings.json"
@@ -554,7 +555,6 @@ class OcdbtWriter:
         self.digests: dict[str, str] = {}
         self._fh = None
         self._tmp: Path | None = None
-        self._sha = None
         self._size = 0
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -568,20 +568,16 @@ class OcdbtWriter:
         if self._fh is None:
             (self.directory / "d").mkdir(parents=True, exist_ok=True)
             self._tmp = self.directory / "d" / f".partial-{len(self.files)}"
-            self._fh = open(self._tmp, "wb")
-            self._sha = hashlib.sha256()
+            self._fh = StagedFile(self._tmp, sha256=True)  # written and hashed on its own threads
             self._size = 0
         self._fh.write(value)
-        self._sha.update(value)
         self.entries[key] = ("file", len(self.files), self._size, len(value))
         self._size += len(value)
 
     def _close_file(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        digest = self._sha.hexdigest()
+        fh, self._fh = self._fh, None
+        fh.close()  # the rest written, fsynced
+        digest = fh.hexdigest()
         rel = f"d/{digest[:32]}"
         os.replace(self._tmp, self.directory / rel)
         self.files.append(rel)
@@ -646,7 +642,7 @@ class OcdbtWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            self._fh.abort()
             self._fh = None
             try:
                 self._tmp.unlink()
