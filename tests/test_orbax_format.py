@@ -415,3 +415,22 @@ def test_zarr3_chunks_equal_to_the_fill_value_are_stored(tmp_path):
     kv = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{tmp_path}/"}}).result()
     assert kv.list().result() == [b"params.zeros/c/0/0", b"params.zeros/zarr.json"]
     np.testing.assert_array_equal(np.asarray(orbax_restore(tmp_path)["params"]["zeros"]), np.zeros((4, 4), np.float32))
+
+
+def test_value_size_and_streamed_values(tmp_path):
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "memory"}).result()
+    sizes = [0, 1, 2, 3, 7, 8, 1023, 1024, 1025, 2**20 + 7]
+    for n in sizes:
+        kv[f"k{n}".encode()] = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    assert [orbax._value_size(kv, f"k{n}".encode()) for n in sizes] == sizes
+
+    db = orbax.OcdbtWriter(tmp_path, max_inline=4)
+    db.put_pieces(b"big", 10, [b"0123", b"456789"])
+    db.put_pieces(b"small", 3, [b"ab", b"c"])  # inline
+    with pytest.raises(RuntimeError, match="announced"):
+        db.put_pieces(b"liar", 10, [b"0123"])
+    with pytest.raises(ValueError, match="duplicate"):
+        db.put_pieces(b"big", 5, [b"xxxxx"])
+    db.abort()

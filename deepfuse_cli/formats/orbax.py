@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ import torch
 
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
-from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
+from .arrays import (
+    NUMPY_TO_TORCH,
+    TORCH_TO_NUMPY,
+    numpy_dtype,
+    to_numpy,
+    to_torch,
+    torch_dtype,
+)
 from .base import CheckpointWriter, OutputTensor
 from .files import fsync_path, write_file
 from .staged_file import StagedFile
@@ -535,6 +543,32 @@ def _encode_node(magic: int, body: bytes) -> bytes:
     return data + crc32c(data).to_bytes(4, "little")
 
 
+#: encoded chunks are copied out of tensorstore's in-memory store this many bytes at a time
+VALUE_PIECE_BYTES = 16 * 2**20
+
+
+def _value_size(kv: ts.KvStore, key: bytes) -> int:
+    """The length of a stored value, found with one-byte range reads (the key-value API reports no sizes
+    and reading the value whole would copy it): doubling, then bisection; ~2 log2(size) tiny reads."""
+
+    def has(pos: int) -> bool:
+        try:
+            kv.read(key, byte_range=slice(pos, pos + 1)).result()
+            return True
+        except ValueError:  # OUT_OF_RANGE
+            return False
+
+    if not has(0):
+        return 0
+    lo, hi = 0, 1  # has(lo), and hi is to be found with not has(hi)
+    while has(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if has(mid) else (lo, mid)
+    return hi
+
+
 class OcdbtWriter:
     """Write one OCDBT database (single version) into ``directory``, byte-reproducibly.
 
@@ -558,21 +592,35 @@ class OcdbtWriter:
         self._size = 0
 
     def put(self, key: bytes, value: bytes) -> None:
-        if key in self.entries:
-            raise ValueError(f"duplicate key {key!r}")
         if len(value) <= self.max_inline:
+            if key in self.entries:
+                raise ValueError(f"duplicate key {key!r}")
             self.entries[key] = ("inline", bytes(value))
             return
-        if self._fh is not None and self._size and self._size + len(value) > self.target_file_size:
+        self.put_pieces(key, len(value), [value])
+
+    def put_pieces(self, key: bytes, size: int, pieces: Iterable[bytes]) -> None:
+        """A value of ``size`` bytes given as consecutive pieces, appended to the current data file."""
+        if key in self.entries:
+            raise ValueError(f"duplicate key {key!r}")
+        if size <= self.max_inline:
+            self.put(key, b"".join(pieces))
+            return
+        if self._fh is not None and self._size and self._size + size > self.target_file_size:
             self._close_file()
         if self._fh is None:
             (self.directory / "d").mkdir(parents=True, exist_ok=True)
             self._tmp = self.directory / "d" / f".partial-{len(self.files)}"
             self._fh = StagedFile(self._tmp, sha256=True)  # written and hashed on its own threads
             self._size = 0
-        self._fh.write(value)
-        self.entries[key] = ("file", len(self.files), self._size, len(value))
-        self._size += len(value)
+        done = 0
+        for piece in pieces:
+            self._fh.write(piece)
+            done += len(piece)
+        if done != size:
+            raise RuntimeError(f"internal error: value {key!r} has {done} bytes, {size} announced")
+        self.entries[key] = ("file", len(self.files), self._size, size)
+        self._size += size
 
     def _close_file(self) -> None:
         fh, self._fh = self._fh, None
@@ -769,11 +817,18 @@ class OrbaxWriter(CheckpointWriter):
         ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})  # a fresh in-memory key-value store
         try:
             store = ts.open(self._array_spec(self._storage[name], array), create=True, context=ctx).result()
-            store.write(array).result()
+            # the array is not touched until the write is done: tensorstore may encode it without a copy
+            store.write(array, can_reference_source_data_indefinitely=True).result()
             del store
             kv = ts.KvStore.open({"driver": "memory"}, context=ctx).result()
             for key in sorted(kv.list().result()):
-                self._db.put(bytes(key), bytes(kv.read(key).result().value))
+                size = _value_size(kv, key)
+                if size <= self._db.max_inline:
+                    self._db.put(bytes(key), bytes(kv.read(key).result().value))
+                else:  # streamed in pieces: the encoded chunk is never copied whole into Python
+                    self._db.put_pieces(bytes(key), size, (
+                        kv.read(key, byte_range=slice(pos, min(pos + VALUE_PIECE_BYTES, size))).result().value
+                        for pos in range(0, size, VALUE_PIECE_BYTES)))
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - tensorstore and OS errors
