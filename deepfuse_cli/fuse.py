@@ -31,6 +31,7 @@ from .formats.base import OutputTensor
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME, HFWriter
 from .ir import Checkpoint
+from .memory import TRIM_AFTER_BYTES, release_free_memory
 from .convert import writer_metadata
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
@@ -123,6 +124,19 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
         except ops.FusionMismatch as exc:
             raise InputError(f"tensor {entry.name!r}: {exc}", "this tensor must be identical in every source") from None
     raise AssertionError(f"unknown op {rule.op}")  # unreachable: the schema validates ops
+
+
+def _gather(blocks, entry: PlanEntry) -> torch.Tensor:
+    """One tensor from its consecutive row blocks."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    flat, pos = out.view(-1), 0
+    for block in blocks:
+        n = block.numel()
+        flat[pos:pos + n].copy_(block.reshape(-1))
+        pos += n
+    if pos != flat.numel():
+        raise RuntimeError(f"internal error: {pos} of the {flat.numel()} values of {entry.name} were computed")
+    return out
 
 
 def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
@@ -392,20 +406,23 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             writer = make_writer(plan, tmp, outputs)
             # Writers that stream pieces get row blocks, computed on a worker thread ahead of the
             # writer (which hashes on a thread of its own); a transposing conversion needs the whole.
-            streamed = {e.name for e in plan.entries if e.name not in conversion.drop
-                        and e.name not in conversion.transpose} if getattr(writer, "streams_chunks", False) else set()
+            # Every tensor comes as row blocks, computed on a worker thread ahead of the writer (which
+            # hashes on a thread of its own): writers that stream write the blocks as they come, the others
+            # gather them into the one tensor they encode; a transposing conversion gathers, then transposes.
+            # Either way the ops make no temporaries of the tensor's size.
+            entries = [e for e in plan.entries if e.name not in conversion.drop]
             threads, pipeline = torch.get_num_threads(), None
             try:
-                if streamed:  # parallel by pipeline (fuse | write | hash): torch's own threads would only contend
+                if entries:  # parallel by pipeline (fuse | write | hash): torch's own threads would only contend
                     torch.set_num_threads(1)
-                    pipeline = _RowBlocks(plan, [e for e in plan.entries if e.name in streamed])
-                for entry in plan.entries:
-                    if entry.name in conversion.drop:
-                        continue
-                    if entry.name in streamed:
-                        writer.write_chunks(conversion.out_name(entry.name), pipeline.next_tensor())
+                    pipeline = _RowBlocks(plan, entries)
+                for entry in entries:
+                    if entry.name in conversion.transpose:
+                        writer.write(*conversion.apply(entry.name, _gather(pipeline.next_tensor(), entry)))
                     else:
-                        writer.write(*conversion.apply(entry.name, compute_tensor(plan, entry)))
+                        writer.write_chunks(conversion.out_name(entry.name), pipeline.next_tensor())
+                    if entry.nbytes >= TRIM_AFTER_BYTES:  # codecs leave their many small buffers behind
+                        release_free_memory()
                     if progress:
                         progress(entry)
                 if pipeline is not None:

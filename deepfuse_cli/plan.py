@@ -155,29 +155,45 @@ class Plan:
     def peak_memory(self) -> int:
         """Upper estimate of resident memory: the worst moment, plus a base.
 
-        Tensors the writer streams as row blocks (safetensors output): the sources of two
-        tensors (the next one is loaded ahead), the row-block and staging buffers, and noise of
-        later block rows drawn ahead (capped) -- never the fused tensor. Tensors a writer takes
-        whole: the fused tensor, its sources (unique loads) and one fp32 noise block.
+        Every tensor is computed as row blocks on a worker thread while the next tensor's sources
+        are loaded (the sources of two tensors, the row-block buffers, noise of later block rows
+        drawn ahead). Then, by writer: safetensors streams the blocks (staging buffers only, never
+        the fused tensor); T5X gathers slabs of whole chunk rows and keeps up to ``MAX_IN_FLIGHT``
+        of them, and as many encoded copies, pending in tensorstore; Orbax gathers the fused
+        tensor and holds its encoded chunk (up to its size) next to it. A conversion that
+        transposes a tensor needs it whole, and its transposed copy. T5X/Orbax sources are decoded
+        from a compressed copy (held while the tensor is read).
         """
-        streaming = self.output_format == "hf"
+        fmt = self.output_format
         transposed = self.conversion.transpose
+        compressed_sources = any(ck.format in ("t5x", "orbax") for ck in self.sources)
         worst, previous = 0, 0
         for e in self.entries:
             loaded = e.source_bytes // self.n if self.options.self_fusion else e.source_bytes
             numel = e.nbytes // dtype_size(e.dtype)
-            if streaming and e.name not in transposed:
-                row = e.nbytes // e.shape[0] if e.shape and e.shape[0] else e.nbytes
-                work = previous + loaded + (fusion_ops.BLOCKS_AHEAD + 3) * max(fusion_ops.CHUNK_BYTES, row)
-                work += STREAM_BUFFERS
-                if e.noise:  # drawn ahead, and as many kept for reuse
-                    work += 2 * min(self.noise_ahead_bytes, 4 * numel)
-            else:
-                work = e.nbytes + loaded
-                if e.noise:  # one fp32 noise block at a time
-                    work += 4 * numel // self.n
+            row = e.nbytes // e.shape[0] if e.shape and e.shape[0] else e.nbytes
+            work = previous + loaded + (fusion_ops.BLOCKS_AHEAD + 3) * max(fusion_ops.CHUNK_BYTES, row)
+            work += STREAM_BUFFERS
+            if compressed_sources:
+                work += loaded
+            if e.noise:  # drawn ahead, and as many kept for reuse
+                work += 2 * min(self.noise_ahead_bytes, 4 * numel)
+            whole = e.name in transposed
+            if whole:  # gathered, then transposed
+                work += 2 * e.nbytes
+            if fmt == "t5x":
+                from .formats.t5x import MAX_IN_FLIGHT, block_bytes
+
+                block = min(e.nbytes, block_bytes(e.shape, dtype_size(e.dtype)))
+                work += (2 * MAX_IN_FLIGHT + (0 if whole else 1)) * block
+            elif fmt == "orbax":
+                from .formats.orbax import VALUE_PIECE_BYTES
+
+                work += (0 if whole else e.nbytes) + e.nbytes + e.nbytes // 128 + VALUE_PIECE_BYTES
             previous = loaded
             worst = max(worst, work)
+        for se in (self.state.entries if self.state is not None else []):
+            worst = max(worst, 3 * se.nbytes + STREAM_BUFFERS)  # sources' slots, the fused slot, encoded
         return worst + BASE_MEMORY
 
     def fit_memory(self, limit: int) -> None:
@@ -188,8 +204,8 @@ class Plan:
             mib = 2**20
             raise UsageError(f"the run needs about {self.peak_memory / mib:.0f} MiB of memory at its peak, more than "
                              f"--max-memory {limit / mib:.0f} MiB",
-                             "raise --max-memory: the floor is ~400 MiB of runtime plus two consecutive source tensors "
-                             "(safetensors output) or the largest fused tensor (T5X/Orbax output)")
+                             "raise --max-memory: the floor is ~400 MiB of runtime plus two consecutive source tensors, "
+                             "and a few chunk slabs (T5X output) or twice the largest fused tensor (Orbax output)")
 
     @property
     def disk_needed(self) -> int:

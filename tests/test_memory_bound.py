@@ -48,3 +48,60 @@ def test_plan_that_cannot_fit_is_refused_before_writing(hf_fixtures, tmp_path):
     assert "--max-memory 64 MiB" in msg and not (tmp_path / "o").exists()
     msg = cli("plan", hf_fixtures / "llama-a", "--times", "2", "--max-memory", "lots", expect=2)
     assert "--max-memory 'lots' is not a size" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# T5X / Orbax outputs and transposing conversions: the plan's peak-memory estimate holds
+
+
+def _big_t5(tmp_path_factory):
+    """A T5 1.1 (one layer each side) whose vocabulary dominates: a 128 MiB fp32 embedding and
+    logits kernel, so that a fused tensor (256 MiB) is well above the estimate's slack."""
+    import numpy as np
+
+    from deepfuse_cli.formats.base import OutputTensor
+    from deepfuse_cli.formats.orbax import OrbaxWriter
+    from deepfuse_cli.formats.t5x import T5XWriter
+
+    from .conftest import FIXTURES
+
+    sys.path.insert(0, str(FIXTURES))
+    import t5x_trees
+
+    work = tmp_path_factory.mktemp("big-t5")
+    dims = {"vocab": 32768, "emb": 1024, "heads": 4, "head_dim": 16, "mlp": 64, "layers": 1, "buckets": 32}
+    params = t5x_trees.flatten({"target": t5x_trees.t5_params(0, dims)})
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+    outs = [OutputTensor(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    for fmt, writer in (("t5x", T5XWriter(work / "t5x", outs, {"step": 1, "layout": "root"})),
+                        ("orbax", OrbaxWriter(work / "orbax", outs, {"step": 1, "layout": "root", "zarr_format": 2,
+                                                                     "extra_leaves": {"state/step": np.int32(1)}}))):
+        for k, t in tensors.items():
+            writer.write(k, t)
+        writer.finish()
+    return work
+
+
+def _peak_mib(args: list[str]) -> float:
+    code = (
+        "import sys\n"
+        "from deepfuse_cli.cli import run\n"
+        f"sys.argv = ['deepfuse', *{args!r}]\n"
+        "try:\n    run()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024
+
+
+def test_t5x_orbax_and_transposing_runs_stay_within_the_plan_estimate(tmp_path_factory, tmp_path):
+    big = _big_t5(tmp_path_factory)
+    for source, to in (("t5x", "t5x"), ("orbax", "orbax"), ("t5x", "safetensors"), ("orbax", "t5x")):
+        args = ["self-fuse", str(big / source), "--times", "2", "--to", to]
+        estimate = json.loads(cli("plan", *args[1:], "--json"))["peak_memory_bytes"] / 2**20
+        out = tmp_path / f"{source}-{to}"
+        peak = _peak_mib([*args, "-o", str(out), "-q", "--max-memory", f"{int(estimate) + 1}MiB"])
+        assert out.is_dir()
+        assert 256 < peak <= estimate, f"{source} -> {to}: peak RSS {peak:.0f} MiB, plan estimate {estimate:.0f} MiB"

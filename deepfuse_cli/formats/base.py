@@ -4,7 +4,8 @@ Readers return an :class:`~deepfuse_cli.ir.Checkpoint`. Writers are created with
 complete list of output tensors (known from the plan before any byte is written),
 then receive each tensor exactly once, in that order, and finally ``finish()``. A tensor
 arrives whole (``write``) or as consecutive pieces of its bytes (``write_chunks``: every writer
-accepts it; writers that stream it without holding the tensor set ``streams_chunks``).
+accepts it: safetensors writes the pieces as they come, T5X gathers slabs of chunk rows, the default
+gathers the whole tensor).
 A writer writes only inside the directory it is given (a temporary sibling of the
 final output; the caller renames it into place) and fsyncs what it wrote.
 No adapter knows about fusion.
@@ -35,9 +36,6 @@ class CheckpointWriter(ABC):
         self.directory = Path(directory)
         self.tensors = list(tensors)
         self.metadata = dict(metadata or {})
-
-    #: True when ``write_chunks`` writes pieces as they come, without gathering the tensor first.
-    streams_chunks: bool = False
 
     @abstractmethod
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -200,7 +200,6 @@ class HFWriter(CheckpointWriter):
             self.digests[self._current_name] = self._current.hexdigest()
             self._current = None
 
-    streams_chunks = True
 
     def _file_for_next(self) -> SafetensorsFileWriter:
         fname, _ = self._order[self._pos]

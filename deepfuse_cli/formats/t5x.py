@@ -62,7 +62,8 @@ MSGPACK_MAX_CHUNK = 2**30
 MAX_SLAB_BYTES = 2 * DESIRED_CHUNK_BYTES
 #: blocks (each at most one slab) handed to tensorstore and not yet written: gzip compresses one chunk on
 #: one thread, so as many blocks as cores are compressed at once, across chunks and across arrays
-MAX_IN_FLIGHT = max(2, os.cpu_count() or 1)
+#: (at most 8: each pending block and its encoded copy are held in memory)
+MAX_IN_FLIGHT = min(8, max(2, os.cpu_count() or 1))
 CHUNKED_KEY = "__msgpack_chunked_array__"
 DEFAULT_COMPRESSION = {"id": "gzip", "level": 1}
 COMPRESSORS = ("gzip", "zstd", "zlib", "bz2", "blosc")
@@ -567,6 +568,16 @@ def _step_value(leaf: Any, msg_file: Path) -> int:
 # writer
 
 
+def block_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of one block the writer hands to tensorstore for an array of ``shape``: a slab of whole
+    chunk rows when it fits ``MAX_SLAB_BYTES``, else one chunk (for the memory estimate)."""
+    if not shape:
+        return itemsize
+    chunks = choose_chunk_shape(tuple(shape), DESIRED_CHUNK_BYTES // itemsize)
+    slab = chunks[0] * math.prod(shape[1:]) * itemsize
+    return slab if slab <= MAX_SLAB_BYTES else math.prod(chunks) * itemsize
+
+
 def choose_chunk_shape(shape: tuple[int, ...], target_elements: int) -> list[int]:
     """T5X's chunk shape: divisors of each axis, shrinking the largest axis first until small enough."""
     target_elements = max(1, int(target_elements))
@@ -658,7 +669,6 @@ class T5XWriter(CheckpointWriter):
     optionally, ``state/param_states/...``; without state tensors the msgpack has no ``param_states``.
     """
 
-    streams_chunks = True
 
     def __init__(self, directory: Path, tensors: list[OutputTensor], metadata: dict[str, Any] | None = None):
         super().__init__(directory, tensors, metadata)
