@@ -18,6 +18,22 @@ RULES = {
 }
 
 
+def _peak_mib(args: list[str]) -> float:
+    """Peak RSS (MiB) of a deepfuse run in a fresh process, which must succeed."""
+    code = (
+        "import sys\n"
+        "from deepfuse_cli.cli import run\n"
+        f"sys.argv = ['deepfuse', *{args!r}]\n"
+        "try:\n    run()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+        # VmHWM: this process image's peak RSS (ru_maxrss would include the forking pytest process)
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024
+
+
 def test_fused_tensor_larger_than_the_bound_streams_within_it(tmp_path):
     src = tmp_path / "w.safetensors"
     save_file({"w": torch.randn(4096, 4096)}, str(src))  # 64 MiB; x4 -> one 1 GiB fused tensor
@@ -25,19 +41,8 @@ def test_fused_tensor_larger_than_the_bound_streams_within_it(tmp_path):
     rules.write_text(json.dumps(RULES))
     out = tmp_path / "out"
     limit = 640
-    code = (
-        "import sys\n"
-        "from deepfuse_cli.cli import run\n"
-        f"sys.argv = ['deepfuse', 'self-fuse', {str(src)!r}, '--rules', {str(rules)!r}, '--times', '4',\n"
-        f"            '--noise-std', '0.01', '--max-memory', '{limit}MiB', '-o', {str(out)!r}, '-q']\n"
-        "try:\n    run()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        # VmHWM: this process image's peak RSS (ru_maxrss would include the forking pytest process)
-        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
-        "sys.exit(code)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    peak_mib = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    peak_mib = _peak_mib(["self-fuse", str(src), "--rules", str(rules), "--times", "4", "--noise-std", "0.01",
+                          "--max-memory", f"{limit}MiB", "-o", str(out), "-q"])
     fused_mib = (out / "model.safetensors").stat().st_size / 2**20
     assert fused_mib > 1000
     assert peak_mib < limit, f"peak RSS {peak_mib:.0f} MiB over --max-memory {limit} MiB"
@@ -80,20 +85,6 @@ def _big_t5(tmp_path_factory):
             writer.write(k, t)
         writer.finish()
     return work
-
-
-def _peak_mib(args: list[str]) -> float:
-    code = (
-        "import sys\n"
-        "from deepfuse_cli.cli import run\n"
-        f"sys.argv = ['deepfuse', *{args!r}]\n"
-        "try:\n    run()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
-        "sys.exit(code)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.strip().splitlines()[-1]) / 1024
 
 
 def test_t5x_orbax_and_transposing_runs_stay_within_the_plan_estimate(tmp_path_factory, tmp_path):
