@@ -404,8 +404,6 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
         try:
             tmp.mkdir()
             writer = make_writer(plan, tmp, outputs)
-            # Writers that stream pieces get row blocks, computed on a worker thread ahead of the
-            # writer (which hashes on a thread of its own); a transposing conversion needs the whole.
             # Every tensor comes as row blocks, computed on a worker thread ahead of the writer (which
             # hashes on a thread of its own): writers that stream write the blocks as they come, the others
             # gather them into the one tensor they encode; a transposing conversion gathers, then transposes.

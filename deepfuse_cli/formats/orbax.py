@@ -45,14 +45,7 @@ import torch
 
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
-from .arrays import (
-    NUMPY_TO_TORCH,
-    TORCH_TO_NUMPY,
-    numpy_dtype,
-    to_numpy,
-    to_torch,
-    torch_dtype,
-)
+from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
 from .base import CheckpointWriter, OutputTensor
 from .files import fsync_path, write_file
 from .staged_file import StagedFile
