@@ -167,6 +167,13 @@ def drop(path: Path) -> None:
         path.unlink()
 
 
+def work_dir(parent: Path | None, prefix: str) -> Path:
+    """A fresh temporary working directory, inside ``parent`` (created when missing) when given."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def best_of(cmd: list[str], repeat: int, *leftovers: Path) -> tuple[float, int, float]:
     """The fastest of ``repeat`` runs (wall s, with its CPU s) and the highest peak RSS of them all;
     ``leftovers`` (the run's outputs) are removed after each run."""
@@ -191,9 +198,7 @@ def main() -> None:
                     help="run every row this many times and report the fastest (the machine may be shared)")
     args = ap.parse_args()
     size = 0.04 if args.quick else args.size_gb
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="deepfuse-bench-", dir=args.dir))
+    work = work_dir(args.dir, "deepfuse-bench-")
     try:
         src = work / "src"
         info = make_checkpoint(src, size)

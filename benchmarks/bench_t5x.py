@@ -45,14 +45,13 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_fuse import best_of, dd_command, drop, measure
+from bench_fuse import best_of, dd_command, drop, measure, work_dir
 
 #: T5 1.1 "large"-like widths (t5x/examples/t5/t5_1_1), a few layers
 T5_DIMS = {"vocab": 32128, "emb": 1024, "heads": 16, "head_dim": 64, "mlp": 2816, "buckets": 32}
@@ -147,9 +146,7 @@ def main() -> None:
                     help="run every row this many times and report the fastest (the machine may be shared)")
     args = ap.parse_args()
     size = 0.04 if args.quick else args.size_gb
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="deepfuse-bench-t5x-", dir=args.dir))
+    work = work_dir(args.dir, "deepfuse-bench-t5x-")
     try:
         info = make_sources(work, size, args.quick)
         exe = [sys.executable, "-m", "deepfuse_cli"]

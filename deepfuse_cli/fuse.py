@@ -27,7 +27,7 @@ import torch
 
 from . import __version__, ops
 from .errors import InputError, UsageError
-from .formats.base import OutputTensor
+from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME, HFWriter
 from .ir import Checkpoint
@@ -124,19 +124,6 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
         except ops.FusionMismatch as exc:
             raise InputError(f"tensor {entry.name!r}: {exc}", "this tensor must be identical in every source") from None
     raise AssertionError(f"unknown op {rule.op}")  # unreachable: the schema validates ops
-
-
-def _gather(blocks, entry: PlanEntry) -> torch.Tensor:
-    """One tensor from its consecutive row blocks."""
-    out = torch.empty(entry.shape, dtype=entry.dtype)
-    flat, pos = out.view(-1), 0
-    for block in blocks:
-        n = block.numel()
-        flat[pos:pos + n].copy_(block.reshape(-1))
-        pos += n
-    if pos != flat.numel():
-        raise RuntimeError(f"internal error: {pos} of the {flat.numel()} values of {entry.name} were computed")
-    return out
 
 
 def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
@@ -416,7 +403,9 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
                     pipeline = _RowBlocks(plan, entries)
                 for entry in entries:
                     if entry.name in conversion.transpose:
-                        writer.write(*conversion.apply(entry.name, _gather(pipeline.next_tensor(), entry)))
+                        tensor = gather(pipeline.next_tensor(), entry.name, entry.shape, entry.dtype)
+                        writer.write(*conversion.apply(entry.name, tensor))
+                        del tensor
                     else:
                         writer.write_chunks(conversion.out_name(entry.name), pipeline.next_tensor())
                     if entry.nbytes >= TRIM_AFTER_BYTES:  # codecs leave their many small buffers behind

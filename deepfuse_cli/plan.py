@@ -167,6 +167,10 @@ class Plan:
         fmt = self.output_format
         transposed = self.conversion.transpose
         compressed_sources = any(ck.format in ("t5x", "orbax") for ck in self.sources)
+        if fmt == "t5x":
+            from .formats.t5x import MAX_IN_FLIGHT, block_bytes
+        elif fmt == "orbax":
+            from .formats.orbax import VALUE_PIECE_BYTES
         worst, previous = 0, 0
         for e in self.entries:
             loaded = e.source_bytes // self.n if self.options.self_fusion else e.source_bytes
@@ -182,13 +186,9 @@ class Plan:
             if whole:  # gathered, then transposed
                 work += 2 * e.nbytes
             if fmt == "t5x":
-                from .formats.t5x import MAX_IN_FLIGHT, block_bytes
-
                 block = min(e.nbytes, block_bytes(e.shape, dtype_size(e.dtype)))
                 work += (2 * MAX_IN_FLIGHT + (0 if whole else 1)) * block
             elif fmt == "orbax":
-                from .formats.orbax import VALUE_PIECE_BYTES
-
                 work += (0 if whole else e.nbytes) + e.nbytes + e.nbytes // 128 + VALUE_PIECE_BYTES
             previous = loaded
             worst = max(worst, work)

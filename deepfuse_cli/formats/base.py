@@ -49,21 +49,7 @@ class CheckpointWriter(ABC):
         writer must be done with piece k (written, hashed) before it asks for piece k + 2.
         This default gathers the pieces into one tensor and calls ``write``."""
         planned = self._planned(name)
-        size = planned.dtype.itemsize
-        for s in planned.shape:
-            size *= s
-        data = bytearray(size)
-        pos = 0
-        for chunk in chunks:
-            view = as_bytes(chunk, planned.dtype)
-            if pos + view.nbytes > size:
-                raise RuntimeError(f"internal error: more than the {size} bytes of {name} were given")
-            data[pos:pos + view.nbytes] = view
-            pos += view.nbytes
-        if pos != size:
-            raise RuntimeError(f"internal error: {pos} of the {size} bytes of {name} were given")
-        tensor = torch.frombuffer(data, dtype=planned.dtype) if size else torch.empty(0, dtype=planned.dtype)
-        self.write(name, tensor.reshape(planned.shape))
+        self.write(name, gather(chunks, name, planned.shape, planned.dtype))
 
     def _planned(self, name: str) -> OutputTensor:
         index = self.__dict__.get("_planned_index")
@@ -79,6 +65,26 @@ class CheckpointWriter(ABC):
     @abstractmethod
     def finish(self) -> list[Path]:
         """Flush, fsync and return every file written (relative to ``directory``)."""
+
+
+def gather(chunks: Iterable[Any], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of ``shape`` and ``dtype`` from consecutive pieces of its row-major bytes (pieces as
+    ``write_chunks`` takes them), which must add up to exactly its size."""
+    size = dtype.itemsize
+    for s in shape:
+        size *= s
+    data = bytearray(size)
+    pos = 0
+    for chunk in chunks:
+        view = as_bytes(chunk, dtype)
+        if pos + view.nbytes > size:
+            raise RuntimeError(f"internal error: more than the {size} bytes of {name} were given")
+        data[pos:pos + view.nbytes] = view
+        pos += view.nbytes
+    if pos != size:
+        raise RuntimeError(f"internal error: {pos} of the {size} bytes of {name} were given")
+    tensor = torch.frombuffer(data, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+    return tensor.reshape(shape)
 
 
 def as_bytes(chunk: Any, dtype: torch.dtype | None = None) -> memoryview:
