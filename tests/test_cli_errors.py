@@ -156,3 +156,13 @@ def test_missing_output_parents_are_created(hf_fixtures, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("x")
     refused("self-fuse", hf_fixtures / "llama-a", "-o", blocked / "sub" / "fused", contains=["is not a directory"])
+
+
+def test_error_messages_stay_one_line_whatever_they_quote():
+    # found by fuzzing: a T5X spec path holding a newline was quoted raw into the message
+    from deepfuse_cli.errors import InputError
+
+    exc = InputError("array directory target.encoder.\nayers_0/ not found", "copy\rit again")
+    assert "\n" not in exc.message and "\r" not in exc.hint
+    assert exc.message == "array directory target.encoder.\\nayers_0/ not found"
+    assert str(InputError("名前 é")) == "名前 é"  # printable text is left as it is
