@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from .architectures import t5x as t5x_arch
+from .architectures import Family
 from .errors import UsageError
 from .formats.base import OutputTensor
 from .ir import Checkpoint
+from .rules.engine import RuleSet
+from .rules.schema import LAYER_TOKEN, Preset
 
 #: ``--to`` values -> output format
 TO_FORMATS = {"safetensors": "hf", "hf": "hf", "t5x": "t5x", "orbax": "orbax"}
@@ -30,6 +32,11 @@ NAMING = {"hf": "hf", "t5x": "t5x", "orbax": "t5x"}
 
 def source_format(ck: Checkpoint) -> str:
     return ck.format if ck.format in ("t5x", "orbax") else "hf"
+
+
+def naming_of(ck: Checkpoint) -> str:
+    """The tensor naming a checkpoint's files use."""
+    return NAMING[source_format(ck)]
 
 
 def resolve_output_format(to: str | None, first: Checkpoint) -> str:
@@ -71,54 +78,43 @@ class Conversion:
 IDENTITY = Conversion()
 
 
-def conversion_for(architecture: str | None, names: list[str], output_format: str) -> Conversion:
-    """How tensors named by ``architecture``'s preset reach ``output_format``'s files."""
+def conversion_for(preset: Preset, names: list[str], output_format: str) -> Conversion:
+    """How tensors named in ``preset``'s naming reach ``output_format``'s files: each tensor's name
+    there is its rule's column for that naming (layer number carried over), transposed where the
+    column says the layout is; a column without a name (a copy of another tensor) is dropped."""
     target = NAMING[output_format]
-    if architecture == "t5x":
-        if target == "t5x":
-            return IDENTITY
-        return _table_conversion(names, t5x_arch.t5x_to_hf_name, "T5X", drop=())
-    if target == "hf":
+    if target == preset.naming:
         return IDENTITY
-    if architecture == "t5":
-        return _table_conversion(names, t5x_arch.hf_to_t5x_name, "transformers T5", drop=t5x_arch.HF_EMBEDDING_COPIES)
-    raise UsageError(f"--to {output_format}: only T5 models convert to T5X/Orbax (this is a {architecture or 'unknown'} model)",
-                     "write a Hugging Face directory (the default) instead")
-
-
-def _table_conversion(names: list[str], lookup, what: str, drop) -> Conversion:
+    if target not in preset.namings:
+        raise UsageError(f"--to {output_format}: the {preset.name} family has no names in the {target} naming "
+                         f"(it has: {', '.join(preset.namings)})", "write a Hugging Face directory (the default) instead")
     rename: dict[str, str] = {}
     transpose: set[str] = set()
-    dropped = {n for n in names if n in drop}
+    dropped: set[str] = set()
+    matches = RuleSet(preset).match_all(names, f"the {preset.name} model")
     for n in names:
-        if n in dropped:
+        match = matches[n]
+        col = match.rule.names.get(target)
+        if col is None:
+            raise UsageError(f"tensor {n!r} has no counterpart in the {target} naming "
+                             f"(rules[{match.index}] {match.rule.pattern!r} names none)",
+                             "convert only standard checkpoints of the family; other trees stay in their own format")
+        if col.name is None:
+            dropped.add(n)
             continue
-        hit = lookup(n)
-        if hit is None:
-            raise UsageError(f"tensor {n!r} has no counterpart outside {what} naming",
-                             "convert only standard T5 checkpoints; other trees stay in their own format")
-        rename[n], tr = hit
-        if tr:
+        rename[n] = col.name.replace(LAYER_TOKEN, match.layer) if match.layer is not None else col.name
+        if col.transpose:
             transpose.add(n)
     return Conversion(rename=rename, transpose=frozenset(transpose), drop=frozenset(dropped))
 
 
-def output_config(architecture: str | None, plan_config: dict | None, output_format: str,
+def output_config(family: Family, plan_config: dict | None, output_format: str, source_naming: str,
                   origin: str = "the model") -> dict | None:
-    """config.json for an HF output; for T5X/Orbax outputs the T5X dimensions (written as gin)."""
+    """The output's config in its naming's vocabulary: config.json for a Hugging Face output, the T5X
+    dimensions (written as gin) for a T5X/Orbax one."""
     if plan_config is None:
         return None
-    if output_format == "hf":
-        if architecture == "t5x":
-            out = t5x_arch.hf_config(plan_config)
-            for key in ("deepfuse_norm_mode", "deepfuse_norm_groups"):
-                if key in plan_config:
-                    out[key] = plan_config[key]
-            return out
-        return plan_config
-    if architecture == "t5":
-        return t5x_arch.config_from_hf(plan_config, origin)
-    return plan_config
+    return family.naming_config(plan_config, NAMING[output_format], origin, source_naming)
 
 
 def writer_metadata(output_format: str, first: Checkpoint) -> dict:

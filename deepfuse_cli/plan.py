@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import torch
 
-from . import architectures
+from .architectures import Family, family_of
 from . import ops as fusion_ops
-from .convert import IDENTITY, Conversion, conversion_for, output_config, resolve_output_format
+from .convert import IDENTITY, Conversion, conversion_for, naming_of, output_config, resolve_output_format
 from .errors import InputError, UsageError
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
@@ -138,6 +138,10 @@ class Plan:
     @property
     def n(self) -> int:
         return len(self.sources)
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.preset)
 
     @property
     def sources_have_optimizer_state(self) -> bool:
@@ -277,36 +281,45 @@ def _virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str
 
 
 def resolve_preset(sources: list[Checkpoint], rules: Preset | None) -> Preset:
-    if rules is not None:
-        return rules
-    presets = [preset_for_config(ck.config, _origin(ck, m)) for m, ck in enumerate(sources)]
-    for m, p in enumerate(presets[1:], start=1):
-        if p.name != presets[0].name:
-            raise InputError(
-                f"{_origin(sources[m], m)} is a {p.name} model but {_origin(sources[0], 0)} is {presets[0].name}",
-                "all sources must share one architecture family",
-            )
-    return presets[0]
+    """The family's rules in the sources' naming: the given rules, or the preset their config names."""
+    naming = naming_of(sources[0])
+    for m, ck in enumerate(sources[1:], start=1):
+        if naming_of(ck) != naming:
+            raise InputError(f"{_origin(ck, m)} uses {naming_of(ck)} names but {_origin(sources[0], 0)} uses {naming}",
+                             "convert one of them first (deepfuse convert --to ...)")
+    if rules is None:
+        presets = [preset_for_config(ck.config, _origin(ck, m)) for m, ck in enumerate(sources)]
+        for m, p in enumerate(presets[1:], start=1):
+            if p.name != presets[0].name:
+                raise InputError(
+                    f"{_origin(sources[m], m)} is a {p.name} model but {_origin(sources[0], 0)} is {presets[0].name}",
+                    "all sources must share one architecture family",
+                )
+        rules = presets[0]
+    return rules.for_naming(naming) if naming != rules.naming and naming in rules.namings else rules
 
 
-def _config_view(preset: Preset, config: dict | None) -> dict:
-    view = dict(config or {})
-    view.update({k: v for k, v in architectures.derived(preset.architecture, config).items() if v is not None})
-    return view
+def source_configs(sources: list[Checkpoint], family: Family) -> list[dict | None]:
+    """Each source's config in the family's config vocabulary."""
+    return [family.canonical_config(ck.config, naming_of(ck)) for ck in sources]
 
 
-def check_configs(sources: list[Checkpoint], preset: Preset) -> None:
-    spec = preset.config
+def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None]) -> None:
+    spec = family.preset.config
     if spec is None:
         return
-    configs = [ck.config for ck in sources]
     if all(c is None for c in configs):
         return
-    for m, ck in enumerate(sources):
-        if ck.config is None:
+    for m, (ck, c) in enumerate(zip(sources, configs, strict=True)):
+        if c is None:
             raise InputError(f"{_origin(ck, m)} has no config.json but other sources do",
                              "give model directories for every source")
-    views = [_config_view(preset, c) for c in configs]
+        for key in spec.sizes:  # before any arithmetic on them
+            value = c.get(key)
+            if key in c and not (value is None and key in spec.derived) and (type(value) is not int or value < 0):
+                raise InputError(f"{ck.path / 'config.json'}: field {key!r} is {json.dumps(value)[:40]}, expected a "
+                                 "non-negative integer", "fix config.json, or re-download it")
+    views = [family.view(c) for c in configs]
     for key in spec.equal:
         ref = views[0].get(key)
         for m, v in enumerate(views[1:], start=1):
@@ -324,12 +337,36 @@ def check_configs(sources: list[Checkpoint], preset: Preset) -> None:
                 raise InputError(f"{_origin(sources[m], m)}: config.json field {key} is {v.get(key)!r}, expected an integer")
 
 
-def widen_config(sources: list[Checkpoint], preset: Preset, options: FuseOptions, groups: list[int]) -> dict | None:
-    spec = preset.config
-    base = sources[0].config
+def check_widths(sources: list[Checkpoint], family: Family, configs: list[dict | None], entries: list[PlanEntry]) -> None:
+    """Every widened axis of every tensor has the size the source's config gives that role (a config
+    that lies about the model's widths would produce a fused config no runtime loads)."""
+    spec = family.preset.config
+    if spec is None or not spec.width_expressions():
+        return
+    for m, (ck, c) in enumerate(zip(sources, configs, strict=True)):
+        if c is None:
+            continue
+        widths = family.widths(c)
+        for e in entries:
+            for ax, role in enumerate(e.rule.axes):
+                want = widths.get(role)
+                if want is None:
+                    continue
+                got = e.source_shapes[m][ax]
+                if got != want:
+                    text = spec.width_expressions()[role]
+                    raise InputError(f"{_origin(ck, m)}: tensor {e.name!r} axis {ax} ({role}) has {got} entries, but "
+                                     f"config.json gives {text} = {want}",
+                                     "config.json does not describe these weights: fix it or use the model's own config")
+
+
+def widen_config(sources: list[Checkpoint], family: Family, configs: list[dict | None], options: FuseOptions,
+                 groups: list[int]) -> dict | None:
+    spec = family.preset.config
+    base = configs[0]
     if base is None:
         return None
-    views = [_config_view(preset, ck.config) for ck in sources]
+    views = [family.view(c) for c in configs]
     out = dict(base)
     if spec is not None:
         for key in spec.sum:
@@ -381,7 +418,9 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
             raise UsageError("a conversion takes exactly one source")
         preset = preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
                                                                      for r in preset.rules]})
-    check_configs(sources, preset)
+    family = family_of(preset)
+    configs = source_configs(sources, family)
+    check_configs(sources, family, configs)
 
     tensors: list[dict[str, TensorRef]] = []
     tied: list[bool] = []
@@ -411,7 +450,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                              "sources must have the same architecture and depth")
 
     matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
-    output_scales = [architectures.output_scale(preset.architecture, ck.config) for ck in sources]
+    output_scales = [family.output_scale(c) for c in configs]
 
     entries: list[PlanEntry] = []
     for name in names:
@@ -449,11 +488,12 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
                                  shape=shape, dtype=dtype, noise=noise, scales=scales))
 
+    check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
     plan = Plan(sources=sources, preset=preset, options=options, entries=entries, tensors=tensors,
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
                 weights_rescaled=weights_rescaled)
-    plan.config = widen_config(sources, preset, options, groups)
+    plan.config = widen_config(sources, family, configs, options, groups)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
         if plan.output_format == "hf":
@@ -481,8 +521,8 @@ def _resolve_output(plan: Plan, names: list[str]) -> None:
     """Output format, the name conversion it needs, and the config the output carries."""
     fmt = resolve_output_format(plan.options.output_format, plan.sources[0])
     plan.output_format = fmt
-    plan.conversion = conversion_for(plan.preset.architecture, names, fmt)
-    plan.output_config = output_config(plan.preset.architecture, plan.config, fmt, str(plan.sources[0].path))
+    plan.conversion = conversion_for(plan.preset, names, fmt)
+    plan.output_config = output_config(plan.family, plan.config, fmt, plan.preset.naming, str(plan.sources[0].path))
 
 
 def natural_key(name: str) -> list:

@@ -4,7 +4,8 @@ A refactor is safe only when no output byte changes. This module runs one CLI in
 (every shipped fixture, every mode: self-fusion, n-way, weights, noise of both modes, dtype casts,
 sharding, T5X/Orbax layouts and conversions, optimizer state) and digests each output file. The
 manifest (``deepfuse.json``) records absolute source paths and the tool version, so it is digested
-with those replaced by placeholders.
+with those replaced by placeholders, and without the rules it records (``rules``, ``preset``, their
+digest and the plan digest, which names rule patterns): those change whenever a preset file does.
 
     python tests/output_digests.py            # print the table (case, file, sha256)
     python tests/output_digests.py --write    # rewrite tests/golden/output_digests.json
@@ -98,7 +99,8 @@ def _manifest_digest(data: bytes) -> str:
     text = text.replace(str(FIX), "<FIXTURES>")
     text = re.sub(r'"/[^"]*/deepfuse-digests-[^/"]*/', '"<WORK>/', text)
     m = json.loads(text)
-    m.pop("deepfuse_version", None)
+    for key in ("deepfuse_version", "rules", "preset", "preset_digest", "plan_digest"):
+        m.pop(key, None)
     return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 

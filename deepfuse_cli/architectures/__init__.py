@@ -1,33 +1,97 @@
-"""Per-family knowledge that rules cannot say: derived dimensions, output scale, reference forward.
+"""The family registry: everything that is specific to one model family, looked up, never compared.
 
-Each family module defines ``derived(config) -> dict`` (dimensions implied by defaults, e.g.
-``head_dim = hidden_size // num_attention_heads``, compared across sources and optionally
-written explicitly) and ``output_scale(config) -> float`` (a source-side factor applied to the
-hidden state before the output projection, folded into the fused projection).
+A family is its preset file (``rules/presets/<name>.json``: the rules, in one naming with the names
+of every other naming beside them; its config fields, summed, equal, derived and widths as
+expressions; its output projection and scale; its runtime class for ``verify``; its norm modules)
+plus, only where data cannot say it, a module of code hooks here named by the preset's
+``architecture`` (T5: a config for checkpoints that carry none, the T5X config vocabulary and gin
+text; the paper's MLP: a reference forward). A family that fits the existing ops is one file.
+
+Hooks a module may define (all optional):
+
+* ``canonical_config(config, naming) -> dict`` — a source's config in the preset's own vocabulary;
+* ``naming_config(config, naming, origin, source_naming) -> dict`` — the fused config in another naming's vocabulary;
+* ``infer_config(shapes, origin) -> dict | None`` — dimensions of a checkpoint that has no config;
+* ``forward(tensors, config, inputs) -> (logits, hidden)`` — the ``builtin`` runtime.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
-from . import gpt2, llama, mlp, t5, t5x
+from ..errors import InputError
+from ..rules.expr import evaluate
+from ..rules.schema import Preset
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2, "t5": t5, "t5x": t5x, "mlp": mlp}
-
-
-def get_family(name: str | None) -> ModuleType | None:
-    return FAMILIES.get(name) if name else None
-
-
-def derived(family: str | None, config: dict | None) -> dict:
-    mod = get_family(family)
-    if mod is None or config is None:
-        return {}
-    return mod.derived(config)
+#: preset ``architecture`` -> module of code hooks (imported when a family needs it)
+HOOK_MODULES = {"t5": "t5", "mlp": "mlp"}
 
 
-def output_scale(family: str | None, config: dict | None) -> float:
-    mod = get_family(family)
-    if mod is None or config is None:
-        return 1.0
-    return mod.output_scale(config)
+@dataclass(frozen=True)
+class Family:
+    """One model family: a preset in any of its namings, and its hooks."""
+
+    preset: Preset
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    @property
+    def hooks(self) -> ModuleType | None:
+        mod = HOOK_MODULES.get(self.preset.architecture or "")
+        return importlib.import_module(f"{__name__}.{mod}") if mod else None
+
+    def _hook(self, name: str):
+        hooks = self.hooks
+        return getattr(hooks, name, None) if hooks is not None else None
+
+    def canonical_config(self, config: dict | None, naming: str) -> dict | None:
+        """``config`` (as a checkpoint in ``naming`` carries it) in the preset's config vocabulary."""
+        hook = self._hook("canonical_config")
+        return hook(config, naming) if hook is not None and config is not None else config
+
+    def naming_config(self, config: dict | None, naming: str, origin: str, source_naming: str) -> dict | None:
+        """A config in the preset's vocabulary, as a checkpoint in ``naming`` needs it (the sources
+        were in ``source_naming``)."""
+        hook = self._hook("naming_config")
+        return hook(config, naming, origin, source_naming) if hook is not None and config is not None else config
+
+    def infer_config(self, shapes: dict[str, tuple[int, ...]], origin: str) -> dict | None:
+        hook = self._hook("infer_config")
+        return hook(shapes, origin) if hook is not None else None
+
+    def view(self, config: dict | None) -> dict[str, Any]:
+        """The config with the family's derived values (evaluated in order, each seeing the previous)."""
+        out = dict(config or {})
+        spec = self.preset.config
+        for key, text in (spec.derived.items() if spec is not None and config is not None else ()):
+            value = evaluate(text, out)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def output_scale(self, config: dict | None) -> float:
+        """The source-side factor on the output projection (folded into the fused projection)."""
+        if self.preset.output is None or config is None:
+            return 1.0
+        value = evaluate(self.preset.output.scale, self.view(config))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InputError(f"the {self.name} output scale {self.preset.output.scale!r} cannot be computed from "
+                             "this config.json", "the config lacks a field the family needs")
+        return float(value)
+
+    def widths(self, config: dict | None) -> dict[str, Any]:
+        """Widened axis role -> its size in a source with this config (None where it cannot be derived)."""
+        spec = self.preset.config
+        if spec is None or config is None:
+            return {}
+        view = self.view(config)
+        return {role: evaluate(text, view) for role, text in spec.width_expressions().items()}
+
+
+def family_of(preset: Preset) -> Family:
+    return Family(preset)

@@ -20,14 +20,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def derived(config: dict) -> dict:
-    return {}
-
-
-def output_scale(config: dict) -> float:
-    return 1.0
-
-
 def forward(tensors: Mapping[str, torch.Tensor], config: dict, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and every hidden state (after each activation) for inputs ``x`` [batch, in_features]."""
     act = ACTIVATIONS[config.get("activation", "relu")]

@@ -1,24 +1,32 @@
-"""T5 (transformers naming).
+"""T5's code hooks (the rules, names in both namings and config fields are in ``t5.json``).
+
+transformers' T5 config is the family's vocabulary. A T5X/Orbax checkpoint carries no config: its
+dimensions are inferred from the parameter shapes (``t5x.infer_config``, the T5X vocabulary), turned
+into a transformers ``T5Config`` to plan with, and the fused config is turned back into T5X
+dimensions for ``fused.gin``.
 
 T5 v1.0 ties the output projection to the embedding and rescales the decoder output by
 ``d_model ** -0.5`` before it; v1.1 does neither. transformers 5 stores that choice as
-``scale_decoder_outputs`` (re-saving ``tie_word_embeddings: true`` always); transformers 4
-read it from ``tie_word_embeddings`` (default true). The fused model is untied and
-unscaled, so each source's factor is folded into its block of the fused ``lm_head``.
+``scale_decoder_outputs`` (re-saving ``tie_word_embeddings: true`` always); transformers 4 read it
+from ``tie_word_embeddings`` (default true). The preset's ``derived`` and ``output.scale`` say so.
 """
 
 from __future__ import annotations
 
-
-def derived(config: dict) -> dict:
-    return {"num_decoder_layers": config.get("num_decoder_layers") or config.get("num_layers")}
+from . import t5x
 
 
-def scales_decoder_outputs(config: dict) -> bool:
-    if "scale_decoder_outputs" in config:
-        return bool(config["scale_decoder_outputs"])
-    return config.get("tie_word_embeddings", True) is not False
+def canonical_config(config: dict, naming: str) -> dict:
+    if naming == "t5x" and config.get("model_type") == "t5x":
+        return t5x.hf_config(config)
+    return config
 
 
-def output_scale(config: dict) -> float:
-    return config["d_model"] ** -0.5 if scales_decoder_outputs(config) else 1.0
+def naming_config(config: dict, naming: str, origin: str, source_naming: str) -> dict:
+    if naming == "t5x":  # a transformers T5 must use what T5X's network hard-codes to become one
+        return t5x.config_from_hf(config, origin, check_network=source_naming != "t5x")
+    return config
+
+
+def infer_config(shapes, origin: str) -> dict | None:
+    return t5x.infer_config(shapes, origin)

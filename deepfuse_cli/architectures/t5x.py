@@ -1,4 +1,4 @@
-"""T5 in T5X naming (``t5x/examples/t5/network.py``): dimensions, output scale, HF T5 mapping.
+"""T5 in T5X naming (``t5x/examples/t5/network.py``): dimensions and config vocabulary.
 
 A T5X checkpoint carries no config: the model dimensions are inferred from the parameter
 shapes (and checked for consistency across layers), giving the same kind of dict a
@@ -6,9 +6,9 @@ Hugging Face ``config.json`` gives the other families. ``logits_via_embedding`` 
 style: no ``logits_dense``; logits from the embedding, divided by ``sqrt(emb_dim)``) is
 untied exactly in the fused model, like transformers' tied T5 v1.0.
 
-The name map to transformers' T5 (``T5ForConditionalGeneration``) is a table: T5X kernels are
-[in, out], torch ``nn.Linear`` weights [out, in]; T5X relative position biases are
-[heads, buckets], transformers' [buckets, heads] — those are transposed on conversion.
+The names of every T5 tensor in both namings (and which are transposed: T5X kernels are [in, out],
+torch ``nn.Linear`` weights [out, in]; T5X relative position biases [heads, buckets], transformers'
+[buckets, heads]) are data, in the t5 preset.
 """
 
 from __future__ import annotations
@@ -25,63 +25,6 @@ LOGITS = "target/decoder/logits_dense/kernel"
 RELPOS_MAX_DISTANCE = 128
 RELPOS_BUCKETS = 32
 LAYER_NORM_EPSILON = 1e-6
-
-# (T5X name relative to target/, HF name, transpose). {i}: layer index.
-_ATTN = {"query": "q", "key": "k", "value": "v", "out": "o"}
-_MLP = ("wi", "wi_0", "wi_1", "wo")
-
-
-def _table() -> list[tuple[str, str, bool]]:
-    rows: list[tuple[str, str, bool]] = [
-        ("token_embedder/embedding", "shared.weight", False),
-        ("encoder/relpos_bias/rel_embedding", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True),
-        ("decoder/relpos_bias/rel_embedding", "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True),
-        ("encoder/encoder_norm/scale", "encoder.final_layer_norm.weight", False),
-        ("decoder/decoder_norm/scale", "decoder.final_layer_norm.weight", False),
-        ("decoder/logits_dense/kernel", "lm_head.weight", True),
-        ("encoder/layers_{i}/pre_attention_layer_norm/scale", "encoder.block.{i}.layer.0.layer_norm.weight", False),
-        ("encoder/layers_{i}/pre_mlp_layer_norm/scale", "encoder.block.{i}.layer.1.layer_norm.weight", False),
-        ("decoder/layers_{i}/pre_self_attention_layer_norm/scale", "decoder.block.{i}.layer.0.layer_norm.weight", False),
-        ("decoder/layers_{i}/pre_cross_attention_layer_norm/scale", "decoder.block.{i}.layer.1.layer_norm.weight", False),
-        ("decoder/layers_{i}/pre_mlp_layer_norm/scale", "decoder.block.{i}.layer.2.layer_norm.weight", False),
-    ]
-    for t5x, hf in _ATTN.items():
-        rows.append((f"encoder/layers_{{i}}/attention/{t5x}/kernel", f"encoder.block.{{i}}.layer.0.SelfAttention.{hf}.weight", True))
-        rows.append((f"decoder/layers_{{i}}/self_attention/{t5x}/kernel", f"decoder.block.{{i}}.layer.0.SelfAttention.{hf}.weight", True))
-        rows.append((f"decoder/layers_{{i}}/encoder_decoder_attention/{t5x}/kernel",
-                     f"decoder.block.{{i}}.layer.1.EncDecAttention.{hf}.weight", True))
-    for w in _MLP:
-        rows.append((f"encoder/layers_{{i}}/mlp/{w}/kernel", f"encoder.block.{{i}}.layer.1.DenseReluDense.{w}.weight", True))
-        rows.append((f"decoder/layers_{{i}}/mlp/{w}/kernel", f"decoder.block.{{i}}.layer.2.DenseReluDense.{w}.weight", True))
-    return rows
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)"))
-
-
-_T5X_TO_HF = [(_compile(PREFIX + t5x), hf, tr) for t5x, hf, tr in _table()]
-_HF_TO_T5X = [(_compile(hf), PREFIX + t5x, tr) for t5x, hf, tr in _table()]
-#: copies of ``shared.weight`` some transformers T5 files carry; dropped when converting to T5X
-HF_EMBEDDING_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
-def _lookup(table, name: str) -> tuple[str, bool] | None:
-    for rx, target, tr in table:
-        m = rx.fullmatch(name)
-        if m:
-            return (target.replace("{i}", m.group("i")) if "i" in m.groupdict() else target), tr
-    return None
-
-
-def t5x_to_hf_name(name: str) -> tuple[str, bool] | None:
-    """(transformers name, transpose) for a T5X parameter name, or None if it has no counterpart."""
-    return _lookup(_T5X_TO_HF, name)
-
-
-def hf_to_t5x_name(name: str) -> tuple[str, bool] | None:
-    return _lookup(_HF_TO_T5X, name)
-
 
 def _layers(names, stack: str) -> int:
     found = {int(m.group(1)) for n in names if (m := re.match(rf"{PREFIX}{stack}/layers_(\d+)/", n))}
@@ -150,15 +93,6 @@ def _check_consistent(shapes: Mapping[str, tuple[int, ...]], c: dict, origin: st
                                  "the checkpoint mixes parameters of different model sizes")
 
 
-def derived(config: dict) -> dict:
-    return {}
-
-
-def output_scale(config: dict) -> float:
-    """T5X divides logits by sqrt(emb_dim) when they come from the embedding."""
-    return config["d_model"] ** -0.5 if config.get("logits_via_embedding") else 1.0
-
-
 def hf_config(config: dict) -> dict:
     """A transformers ``T5Config`` (as config.json) for a T5X T5 of these dimensions."""
     tied = bool(config.get("logits_via_embedding"))
@@ -190,13 +124,12 @@ def hf_config(config: dict) -> dict:
     }
 
 
-def config_from_hf(hf: dict, origin: str) -> dict:
-    """The T5X dimensions of a transformers T5 config (for --to t5x / orbax)."""
-    from . import t5 as hf_t5
-
+def config_from_hf(hf: dict, origin: str, check_network: bool = True) -> dict:
+    """The T5X dimensions of a transformers T5 config (for --to t5x / orbax); ``check_network``: refuse
+    what T5X's T5 network cannot compute (a config that came from a T5X checkpoint is what it is)."""
     buckets = hf.get("relative_attention_num_buckets", 32)
     distance = hf.get("relative_attention_max_distance", RELPOS_MAX_DISTANCE)
-    if (buckets, distance) != (RELPOS_BUCKETS, RELPOS_MAX_DISTANCE):
+    if check_network and (buckets, distance) != (RELPOS_BUCKETS, RELPOS_MAX_DISTANCE):
         raise InputError(f"{origin}: relative attention uses {buckets} buckets and max distance {distance}, but T5X's T5 "
                          f"network fixes them at {RELPOS_BUCKETS} and {RELPOS_MAX_DISTANCE}: the T5X model would compute "
                          "a different function", "keep the Hugging Face format (omit --to)")
@@ -215,8 +148,14 @@ def config_from_hf(hf: dict, origin: str) -> dict:
         "num_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"],
         "num_buckets": buckets,
         "gated": proj == "gated-gelu",
-        "logits_via_embedding": hf_t5.scales_decoder_outputs(hf),
+        "logits_via_embedding": _scales_decoder_outputs(hf),
     }
+
+
+def _scales_decoder_outputs(config: dict) -> bool:
+    if config.get("scale_decoder_outputs") is not None:
+        return bool(config["scale_decoder_outputs"])
+    return config.get("tie_word_embeddings", True) is not False
 
 
 def gin_overrides(config: dict, *, note: str, optimizer_state: str | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -45,17 +46,39 @@ def parse_preset(text: str, origin: str) -> Preset:
         raise RuleError(_format_validation(origin, exc), "see `deepfuse rules show llama` for a valid example") from None
 
 
-def load_preset(name: str) -> Preset:
-    if name not in list_presets():
-        raise RuleError(f"unknown preset {name!r}", f"known presets: {', '.join(list_presets())}, or give a rules file path")
+#: Names that stand for a built-in preset in another naming (``--rules t5x``: T5 in T5X naming).
+NAMING_ALIASES = {"t5x": ("t5", "t5x")}
+
+
+@lru_cache(maxsize=None)
+def _builtin(name: str) -> Preset:
     text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.json").read_text(encoding="utf-8")
     return parse_preset(text, f"{name} (built-in)")
+
+
+def load_preset(name: str) -> Preset:
+    """A built-in preset (family) by name, in its own naming; an alias gives it in another naming."""
+    if name in NAMING_ALIASES:
+        family, naming = NAMING_ALIASES[name]
+        return _builtin(family).for_naming(naming)
+    if name not in list_presets():
+        raise RuleError(f"unknown preset {name!r}", f"known presets: {', '.join(list_presets())}, or give a rules file path")
+    return _builtin(name)
+
+
+def builtin_presets() -> list[Preset]:
+    """Every built-in preset in every naming it has."""
+    out = []
+    for name in list_presets():
+        p = _builtin(name)
+        out += [p.for_naming(n) for n in p.namings]
+    return out
 
 
 def load_rules(name_or_file: str | Path) -> Preset:
     """A built-in preset by name, or a user rules file by path."""
     s = str(name_or_file)
-    if s in list_presets():
+    if s in list_presets() or s in NAMING_ALIASES:
         return load_preset(s)
     p = Path(s)
     if p.is_file():
@@ -71,7 +94,7 @@ def preset_for_config(config: dict | None, origin: str) -> Preset:
     model_type = (config or {}).get("model_type")
     if model_type:
         for name in list_presets():
-            preset = load_preset(name)
+            preset = _builtin(name)
             if model_type in preset.model_types:
                 return preset
     what = f"model_type {model_type!r}" if model_type else "no config.json model_type"
@@ -91,6 +114,7 @@ class Match:
     name: str
     index: int  # index of the rule in the preset
     rule: Rule
+    layer: str | None = None  # the layer number {layer} matched, if the pattern has one
 
 
 class RuleSet:
@@ -101,7 +125,12 @@ class RuleSet:
         self._compiled = [(i, r, r.regex) for i, r in enumerate(preset.rules)]
 
     def claims(self, name: str) -> list[Match]:
-        return [Match(name, i, r) for i, r, rx in self._compiled if rx.fullmatch(name)]
+        out = []
+        for i, r, rx in self._compiled:
+            m = rx.fullmatch(name)
+            if m:
+                out.append(Match(name, i, r, m.groupdict().get("layer")))
+        return out
 
     def coverage(self, names: list[str]) -> tuple[dict[str, Match], list[str], dict[str, list[Match]], list[int]]:
         """(matched, unmatched names, names claimed twice, indices of required rules claiming nothing)."""

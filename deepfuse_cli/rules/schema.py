@@ -59,10 +59,39 @@ OPS = {
 
 LAYER_TOKEN = "{layer}"
 LAYER_REGEX = r"(?P<layer>\d+)"
+#: Tensor namings: the ecosystem whose names (and layouts) a checkpoint's files use.
+NAMINGS = {
+    "hf": "transformers names, torch layouts (nn.Linear weights [out, in])",
+    "t5x": "T5X/flax names ('target/...'), kernels [in, out]",
+}
+#: Legacy ``output.scale`` values, as expressions.
+LEGACY_SCALES = {"none": "1.0", "t5_decoder": "d_model ** -0.5 if scale_decoder_outputs else 1.0"}
+
+
+def _escape_template(text: str) -> str:
+    return re.escape(text).replace(re.escape(LAYER_TOKEN), LAYER_TOKEN)
+
+
+def _valid_expression(v: str) -> str:
+    from .expr import ExprError, parse
+
+    try:
+        parse(v)
+    except ExprError as exc:
+        raise ValueError(str(exc)) from None
+    return v
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NamingName(_Strict):
+    """A tensor's name in another naming: a plain name with ``{layer}``; None: not stored there
+    (a copy of another tensor, dropped on conversion)."""
+
+    name: str | None
+    transpose: bool = Field(default=False, description="its layout there is this one's transposed (2-D)")
 
 
 class Rule(_Strict):
@@ -75,7 +104,17 @@ class Rule(_Strict):
     parts: int | None = Field(default=None, ge=2, description="split_fuse_concat: number of parts on the 'qkv' axis")
     optional: bool = Field(default=False, description="the rule may claim nothing in a model (e.g. optional biases)")
     norm: bool = Field(default=False, description="a normalisation scale/bias (grouped in --norm prop)")
+    names: dict[str, NamingName] = Field(
+        default_factory=dict, description="this tensor's name in other namings (e.g. 't5x'), for conversion")
     note: str | None = None
+
+    @field_validator("names")
+    @classmethod
+    def _known_namings(cls, v: dict[str, NamingName]) -> dict[str, NamingName]:
+        for naming in v:
+            if naming not in NAMINGS:
+                raise ValueError(f"unknown naming {naming!r}; known namings: {', '.join(NAMINGS)}")
+        return v
 
     @field_validator("pattern")
     @classmethod
@@ -127,6 +166,15 @@ class Rule(_Strict):
         return self
 
     @property
+    def template(self) -> str:
+        """The pattern as a plain name with ``{layer}`` (rules with other namings must be literal)."""
+        text = re.sub(r"\\(.)", r"\1", self.pattern)
+        if _escape_template(text) != self.pattern:
+            raise ValueError(f"pattern {self.pattern!r} is not a literal name (with {{layer}}): "
+                             "a rule naming its tensor in other namings must match exactly one name per layer")
+        return text
+
+    @property
     def widened_axes(self) -> list[int]:
         return [i for i, r in enumerate(self.axes) if r in WIDENED_ROLES]
 
@@ -140,12 +188,18 @@ class OutputSpec(_Strict):
 
     name: str = Field(description="tensor name of the output projection, e.g. lm_head.weight")
     tied_to: str | None = Field(default=None, description="embedding it is tied to when absent from the files")
-    scale: Literal["none", "t5_decoder"] = Field(
-        default="none", description="source-side output rescale folded into the fused projection"
-    )
+    scale: str = Field(
+        default="1.0", description="source-side factor on the output projection, an expression over the config "
+        "(e.g. 'd_model ** -0.5 if scale_decoder_outputs else 1.0'), folded into the fused projection")
     transpose: bool = Field(
         default=False, description="the projection is stored [hidden, vocab] while the embedding is [vocab, hidden] (T5X)"
     )
+
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: str) -> str:
+        return _valid_expression(LEGACY_SCALES.get(v, v))
 
 
 class ConfigSpec(_Strict):
@@ -155,17 +209,122 @@ class ConfigSpec(_Strict):
     equal: list[str] = Field(default_factory=list)
     set: dict[str, Any] = Field(default_factory=dict)
     write: list[str] = Field(default_factory=list, description="derived fields written explicitly (e.g. head_dim)")
-    width: str | None = Field(default=None, description="the model-width field (norm groups)")
+    derived: dict[str, str] = Field(
+        default_factory=dict, description="values implied by defaults, as expressions over the config, evaluated in "
+        "order (e.g. head_dim: 'head_dim or hidden_size // num_attention_heads'); compared and written like fields")
+    widths: dict[str, str] = Field(
+        default_factory=dict, description="widened axis role -> its size in one source, as an expression over the "
+        "config (e.g. kv: 'num_key_value_heads * head_dim'); checked against every tensor before planning")
+    sizes: list[str] = Field(default_factory=list, description="integer size fields (validated as non-negative)")
+    width: str | None = Field(default=None, description="legacy: the model-width field (same as widths.hidden)")
+
+    @field_validator("derived", "widths")
+    @classmethod
+    def _expressions(cls, v: dict[str, str]) -> dict[str, str]:
+        for text in v.values():
+            _valid_expression(text)
+        return v
+
+    @field_validator("widths")
+    @classmethod
+    def _widened_roles(cls, v: dict[str, str]) -> dict[str, str]:
+        for role in v:
+            if role not in WIDENED_ROLES:
+                raise ValueError(f"widths: {role!r} is not a widened axis role ({', '.join(WIDENED_ROLES)})")
+        return v
+
+    def width_expressions(self) -> dict[str, str]:
+        out = dict(self.widths)
+        if self.width and "hidden" not in out:
+            out["hidden"] = self.width
+        return out
+
+
+class RuntimeSpec(_Strict):
+    """Where the family runs for function-level verification."""
+
+    model_class: str = Field(description="transformers class (e.g. AutoModelForCausalLM, T5ForConditionalGeneration), "
+                             "or 'builtin' for a forward pass in the family module")
+    inputs: Literal["causal", "seq2seq", "features"] = Field(
+        default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, or feature vectors")
+
+
+class NormSpec(_Strict):
+    """A norm module class of the family, for grouped norms (--norm prop)."""
+
+    module: str = Field(description="module class name (exact), e.g. LlamaRMSNorm, or a suffix with '*' (e.g. *RMSNorm)")
+    kind: Literal["rms", "layer"]
+    eps: str = Field(default="eps", description="attribute holding epsilon (first found of a '|'-separated list)")
+    scale_in_fp32: bool = Field(default=False, description="scale applied in float32 before casting back (T5)")
+    offset: float = Field(default=0.0, description="the scale is (offset + weight), e.g. 1.0 for Gemma")
 
 
 class Preset(_Strict):
     name: str
     description: str = ""
     model_types: list[str] = Field(default_factory=list)
-    architecture: str | None = None
+    architecture: str | None = Field(default=None, description="module of code hooks in deepfuse_cli.architectures")
+    naming: str = Field(default="hf", description="the naming the patterns are written in")
+    runtime: RuntimeSpec | None = None
+    norms: list[NormSpec] = Field(default_factory=list)
     output: OutputSpec | None = None
     config: ConfigSpec | None = None
     rules: list[Rule]
+
+    @field_validator("naming")
+    @classmethod
+    def _naming(cls, v: str) -> str:
+        if v not in NAMINGS:
+            raise ValueError(f"unknown naming {v!r}; known namings: {', '.join(NAMINGS)}")
+        return v
+
+    @property
+    def namings(self) -> list[str]:
+        """Every naming this preset can be read and written in."""
+        others = {n for r in self.rules for n in r.names}
+        return [self.naming, *sorted(others - {self.naming})]
+
+    def for_naming(self, naming: str) -> Preset:
+        """This preset in another naming: each rule's pattern becomes its name there, its axes are
+        reversed where the layout is transposed, and the names of this naming become the rule's
+        column for conversion back."""
+        if naming == self.naming:
+            return self
+        if naming not in self.namings:
+            raise ValueError(f"preset {self.name!r} has no names in the {naming!r} naming "
+                             f"(it has: {', '.join(self.namings)})")
+        rules = []
+        for r in self.rules:
+            col = r.names.get(naming)
+            if col is None or col.name is None:
+                continue  # not stored in that naming
+            back = {self.naming: NamingName(name=r.template, transpose=col.transpose)}
+            for other, c in r.names.items():
+                if other != naming:
+                    back[other] = NamingName(name=c.name, transpose=c.transpose != col.transpose)
+            axes, input_axis = list(r.axes), r.input_axis
+            if col.transpose:
+                axes = axes[::-1]
+                input_axis = None if input_axis is None else len(axes) - 1 - input_axis
+            rules.append(r.model_copy(update={"pattern": _escape_template(col.name), "axes": axes,
+                                              "input_axis": input_axis, "names": back}))
+        output = self.output
+        if output is not None:
+            out_rule = self._rule_named(output.name)
+            emb_rule = self._rule_named(output.tied_to) if output.tied_to else None
+            out_col = out_rule.names.get(naming) if out_rule else None
+            emb_col = emb_rule.names.get(naming) if emb_rule else None
+            if out_col is None or out_col.name is None:
+                raise ValueError(f"preset {self.name!r}: the output {output.name!r} has no {naming!r} name")
+            output = output.model_copy(update={
+                "name": out_col.name,
+                "tied_to": emb_col.name if emb_col is not None else None,
+                "transpose": output.transpose ^ out_col.transpose ^ (emb_col.transpose if emb_col else False),
+            })
+        return self.model_copy(update={"naming": naming, "rules": rules, "output": output})
+
+    def _rule_named(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.regex.fullmatch(name)), None)
 
     @field_validator("rules")
     @classmethod
