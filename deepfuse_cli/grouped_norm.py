@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .rules.schema import NormSpec
+
 GROUPS_KEY = "deepfuse_norm_groups"
 
 
@@ -35,12 +37,13 @@ class GroupedNorm(nn.Module):
     """
 
     def __init__(self, original: nn.Module, groups: Sequence[int], kind: str, eps: float,
-                 cast_before_scale: bool = True):
+                 cast_before_scale: bool = True, offset: float = 0.0):
         super().__init__()
         self.groups = [int(g) for g in groups]
         self.kind = kind
         self.eps = eps
         self.cast_before_scale = cast_before_scale
+        self.offset = offset  # the scale is (offset + weight), in float32 (Gemma: 1 + w)
         self.weight = original.weight
         self.bias = getattr(original, "bias", None) if kind == "layer" else None
 
@@ -53,6 +56,8 @@ class GroupedNorm(nn.Module):
                 p = p - p.mean(-1, keepdim=True)
             normed.append(p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + self.eps))
         y = torch.cat(normed, dim=-1)
+        if self.offset:
+            return (y * (self.offset + self.weight.float())).to(dtype)
         if self.kind == "layer":
             y = y.to(dtype) * self.weight
             return y + self.bias if self.bias is not None else y
@@ -62,25 +67,47 @@ class GroupedNorm(nn.Module):
         return y.to(self.weight.dtype) if self.weight.dtype in (torch.float16, torch.bfloat16) else y
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, kind={self.kind}, eps={self.eps}"
+        return f"groups={self.groups}, kind={self.kind}, eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")
 
 
-def _grouped(module: nn.Module, groups: Sequence[int]) -> GroupedNorm | None:
+#: Norm modules of models whose family is not known (a user's rules file): the common ones.
+GENERIC_NORMS = [NormSpec(module="LayerNorm", kind="layer", eps="eps"),
+                 NormSpec(module="T5LayerNorm", kind="rms", eps="variance_epsilon", scale_in_fp32=True),
+                 NormSpec(module="*RMSNorm", kind="rms", eps="variance_epsilon|eps")]
+
+
+def norm_specs(model: nn.Module) -> list[NormSpec]:
+    """The norm modules of ``model``'s family (from its config's model_type), else the common ones."""
+    from .errors import DeepfuseError
+    from .rules.engine import preset_for_config
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        preset = preset_for_config({"model_type": model_type}, type(model).__name__) if model_type else None
+    except DeepfuseError:
+        preset = None
+    return preset.norms if preset is not None and preset.norms else GENERIC_NORMS
+
+
+def _matches(spec: NormSpec, cls_name: str) -> bool:
+    if spec.module.startswith("*"):
+        return cls_name.endswith(spec.module[1:])
+    return cls_name == spec.module
+
+
+def _grouped(module: nn.Module, groups: Sequence[int], specs: Sequence[NormSpec]) -> GroupedNorm | None:
     width = sum(groups)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.numel() != width:
         return None
     name = type(module).__name__
-    if isinstance(module, nn.LayerNorm):
-        return GroupedNorm(module, groups, "layer", module.eps)
-    if name == "T5LayerNorm":
-        return GroupedNorm(module, groups, "rms", module.variance_epsilon, cast_before_scale=False)
-    if name.endswith("RMSNorm"):
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is None:
-            return None
-        return GroupedNorm(module, groups, "rms", eps)
-    return None
+    spec = next((s for s in specs if _matches(s, name)), None)
+    if spec is None:
+        return None
+    eps = next((getattr(module, a) for a in spec.eps.split("|") if getattr(module, a, None) is not None), None)
+    if eps is None:
+        return None
+    return GroupedNorm(module, groups, spec.kind, eps, cast_before_scale=not spec.scale_in_fp32, offset=spec.offset)
 
 
 def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None) -> int:
@@ -97,9 +124,10 @@ def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None) -
     if not groups:
         raise ValueError(f"no norm groups: pass groups=[d1, d2, ...] or load a model whose config has {GROUPS_KEY}")
     replaced = 0
+    specs = norm_specs(model)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            new = _grouped(child, groups)
+            new = _grouped(child, groups, specs)
             if new is not None:
                 setattr(parent, child_name, new)
                 replaced += 1

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from ..architectures import mlp
+from ..architectures import Family
 from ..ir import Checkpoint
 from ..plan import Plan
+from ..rules.schema import RuntimeSpec
 from .report import Check, Report
 
 HALF = (torch.float16, torch.bfloat16)
@@ -41,15 +42,14 @@ def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int) -> dict[st
             "features": torch.randn(probes, config.get("in_features", 1), generator=g)}
 
 
-def _hf_forward(path: Path, inputs: dict[str, torch.Tensor], groups: list[int] | None) -> Outputs:
+def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None) -> Outputs:
     import transformers
 
     from ..grouped_norm import apply_grouped_norms
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    cls = transformers.T5ForConditionalGeneration if config.model_type == "t5" else transformers.AutoModelForCausalLM
+    cls = getattr(transformers, runtime.model_class)
     model, info = cls.from_pretrained(str(path), output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
@@ -58,7 +58,7 @@ def _hf_forward(path: Path, inputs: dict[str, torch.Tensor], groups: list[int] |
     if groups:
         apply_grouped_norms(model, groups)
     with torch.no_grad():
-        if config.model_type == "t5":
+        if runtime.inputs == "seq2seq":
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
                         output_hidden_states=True)
             hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
@@ -71,12 +71,12 @@ def _hf_forward(path: Path, inputs: dict[str, torch.Tensor], groups: list[int] |
     return result
 
 
-def _mlp_forward(path: Path, config: dict, inputs: dict[str, torch.Tensor]) -> Outputs:
+def _builtin_forward(family: Family, path: Path, config: dict, inputs: dict[str, torch.Tensor]) -> Outputs:
     from ..formats import open_checkpoint
 
     ck = open_checkpoint(path)
     tensors = {n: r.load().float() for n, r in ck.tensors.items()}
-    logits, hidden = mlp.forward(tensors, config, inputs["features"])
+    logits, hidden = family.hooks.forward(tensors, config, inputs["features"])
     return logits, hidden
 
 
@@ -128,16 +128,16 @@ def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, probes: in
 
 def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, *, probes: int, seq_len: int,
                      seed: int, tol: float | None, strict: bool) -> list[Check]:
-    family = plan.preset.architecture
+    family = plan.family
+    runtime = family.preset.runtime
     config = plan.config or {}
-    if family == "t5x":  # runs as transformers' T5 after conversion
-        family = "t5"
-    if family not in ("llama", "gpt2", "t5", "mlp") or plan.sources[0].format not in ("hf", "safetensors", "t5x", "orbax"):
-        return [Check("function", "skip", f"no reference forward for rules {plan.preset.name!r} "
-                      f"({plan.sources[0].format}); tensor level only")]
-    if family == "mlp" and not config:
-        return [Check("function", "skip", "MLP sources without config.json; tensor level only")]
-    if family != "mlp":
+    builtin = runtime is not None and runtime.model_class == "builtin"
+    if runtime is None:
+        return [Check("function", "skip", f"rules {plan.preset.name!r} name no runtime to run the model in; "
+                      "tensor level only")]
+    if not config:
+        return [Check("function", "skip", f"{plan.preset.name} sources without config.json; tensor level only")]
+    if not builtin:
         try:
             import transformers  # noqa: F401
         except ImportError:
@@ -148,9 +148,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     report.meta.update({"probes": probes, "seq_len": int(inputs["input_ids"].shape[1]), "probe_seed": seed, "tol": tol})
 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
-        if family == "mlp":
-            return _mlp_forward(path, cfg, inputs)
-        return _hf_forward(path, inputs, groups)
+        if builtin:
+            return _builtin_forward(family, path, cfg, inputs)
+        return _hf_forward(path, runtime, inputs, groups)
 
     n = plan.n
     unique: dict[str, Outputs] = {}
@@ -173,7 +173,7 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     groups = plan.norm_groups if opts.norm == "prop" else None
     logits, hidden = run(fused_path, config, groups)
     figs = metrics(logits, expected)
-    layers = _layers(hidden, outs) if family != "mlp" or len(hidden) == len(outs[0][1]) else []
+    layers = _layers(hidden, outs) if len(hidden) == len(outs[0][1]) else []
     report.layers = layers
     broken = next((r for r in layers if r["relative"] > tol), None)
     figs["first_broken_layer"] = broken["layer"] if broken else None
@@ -197,7 +197,7 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
                             f"deviation expected from {' and '.join(why)}: relative max error "
                             f"{figs['relative_max_error']:.3g}, KL {figs['kl_divergence']:.3g}, top-1 agreement "
                             f"{figs['top1_agreement']:.0%}{where}" + (" (--strict demands exactness)" if strict else ""), figs))
-        if not norms_exact and noise_exact and family != "mlp":
+        if not norms_exact and noise_exact and not builtin:
             # The deviation must come from the norms alone: with grouped norms the same weights are exact.
             g_logits, g_hidden = run(fused_path, config, plan.norm_groups)
             g = metrics(g_logits, expected)
