@@ -22,6 +22,7 @@ from .convert import IDENTITY, Conversion, conversion_for, naming_of, output_con
 from .errors import InputError, UsageError
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
+from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
@@ -100,19 +101,14 @@ class PlanEntry:
             total += n * dtype_size(dt)
         return total
 
+    def record(self) -> TensorRecord:
+        return TensorRecord(name=self.name, rule=self.rule_index, pattern=self.rule.pattern, op=self.rule.op,
+                            axes=list(self.rule.axes), source_shapes=[list(s) for s in self.source_shapes],
+                            shape=list(self.shape), dtype=str(self.dtype).removeprefix("torch."), bytes=self.nbytes,
+                            noise=self.noise)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rule": self.rule_index,
-            "pattern": self.rule.pattern,
-            "op": self.rule.op,
-            "axes": self.rule.axes,
-            "source_shapes": [list(s) for s in self.source_shapes],
-            "shape": list(self.shape),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "bytes": self.nbytes,
-            "noise": self.noise,
-        }
+        return self.record().model_dump(mode="json")
 
 
 @dataclass
@@ -221,29 +217,19 @@ class Plan:
         data = json.dumps([e.to_json() for e in self.entries], sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(data.encode()).hexdigest()
 
+    def record(self) -> PlanRecord:
+        """The plan as data (what ``deepfuse plan --json`` prints)."""
+        return PlanRecord(
+            preset=self.preset.name, preset_digest=preset_digest(self.preset), output_format=self.output_format,
+            sources=[str(s.path) for s in self.sources], n=self.n, self_fusion=self.options.self_fusion,
+            weights=list(self.options.weights), weights_rescaled=self.weights_rescaled, norm=self.options.norm,
+            norm_groups=self.norm_groups, noise=NoiseRecord(**self.options.describe_noise()), seed=self.options.seed,
+            tied_sources=self.tied, output_scales=self.output_scales, tensors=[e.record() for e in self.entries],
+            total_bytes=self.total_bytes, largest_tensor_bytes=self.largest_tensor_bytes,
+            peak_memory_bytes=self.peak_memory, disk_needed_bytes=self.disk_needed, notes=self.notes)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset.name,
-            "preset_digest": preset_digest(self.preset),
-            "output_format": self.output_format,
-            "sources": [str(s.path) for s in self.sources],
-            "n": self.n,
-            "self_fusion": self.options.self_fusion,
-            "weights": list(self.options.weights),
-            "weights_rescaled": self.weights_rescaled,
-            "norm": self.options.norm,
-            "norm_groups": self.norm_groups,
-            "noise": self.options.describe_noise(),
-            "seed": self.options.seed,
-            "tied_sources": self.tied,
-            "output_scales": self.output_scales,
-            "tensors": [e.to_json() for e in self.entries],
-            "total_bytes": self.total_bytes,
-            "largest_tensor_bytes": self.largest_tensor_bytes,
-            "peak_memory_bytes": self.peak_memory,
-            "disk_needed_bytes": self.disk_needed,
-            "notes": self.notes,
-        }
+        return self.record().to_json()
 
 
 def _origin(ck: Checkpoint, m: int) -> str:
