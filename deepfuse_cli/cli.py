@@ -501,14 +501,14 @@ def rules_check(
     """Validate a rules file; with MODEL, check every tensor is claimed by exactly one rule and every rule is used."""
     from .errors import RuleError
     from .formats import open_checkpoint
-    from .plan import _virtualise_output
+    from .plan import virtualise_output
     from .rules import RuleSet, load_rules
 
     preset = load_rules(name)
     report = {"rules": preset.name, "valid": True, "unmatched": [], "ambiguous": {}, "unused": []}
     if model is not None:
         ck = open_checkpoint(model, step=step)
-        refs, _ = _virtualise_output(ck, 0, preset)
+        refs, _ = virtualise_output(ck, 0, preset)
         _, unmatched, ambiguous, unused = RuleSet(preset).coverage(list(refs))
         report.update(unmatched=unmatched, ambiguous={k: [m.index for m in v] for k, v in ambiguous.items()},
                       unused=[{"index": i, "pattern": preset.rules[i].pattern} for i in unused])

@@ -246,7 +246,7 @@ def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str, transpose:
     return bool(torch.equal(a.load(), emb.t() if transpose else emb))
 
 
-def _virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
+def virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
     """The source's tensors with the output projection present (tied sources: the embedding)."""
     refs = dict(ck.tensors)
     spec = preset.output
@@ -419,7 +419,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
             tensors.append(dict(ck.tensors))
             tied.append(False)
             continue
-        refs, t = _virtualise_output(ck, m, preset)
+        refs, t = virtualise_output(ck, m, preset)
         tensors.append(refs)
         tied.append(t)
 

@@ -28,12 +28,12 @@ def test_every_preset_is_valid_and_has_a_fixture():
 def test_every_rule_claims_something_in_the_presets_own_fixtures(preset, hf_fixtures):
     """A rule that claims nothing in any of its preset's fixtures is dead (optional ones included)."""
     from deepfuse_cli.formats import open_checkpoint
-    from deepfuse_cli.plan import _virtualise_output
+    from deepfuse_cli.plan import virtualise_output
 
     p = load_preset(preset)
     used: set[int] = set()
     for fixture in PRESET_FIXTURES[preset]:
-        refs, _ = _virtualise_output(open_checkpoint(hf_fixtures / fixture), 0, p)
+        refs, _ = virtualise_output(open_checkpoint(hf_fixtures / fixture), 0, p)
         matched, unmatched, ambiguous, _ = RuleSet(p).coverage(list(refs))
         assert not unmatched and not ambiguous, (fixture, unmatched, ambiguous)
         used |= {m.index for m in matched.values()}

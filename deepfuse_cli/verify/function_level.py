@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,28 +107,20 @@ def _layers(fused_hidden: list[torch.Tensor], sources: list[Outputs]) -> list[di
     return rows
 
 
-def hf_view(ck: Checkpoint, workdir: Path) -> Path:
-    """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint converted."""
-    if ck.format not in ("t5x", "orbax"):
-        return ck.path
-    from ..fuse import write_plan
-    from ..plan import FuseOptions, build_plan
-
-    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format="hf"))
-    dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
-    write_plan(plan, dest)
-    return dest
+#: ``view(checkpoint, workdir) -> directory``: a Hugging Face directory computing what the checkpoint
+#: computes (itself, or a T5X/Orbax checkpoint converted); given by the command that runs the checks.
+HFView = Callable[[Checkpoint, Path], Path]
 
 
-def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, probes: int, seq_len: int, seed: int,
-                    tol: float | None, strict: bool) -> list[Check]:
+def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, hf_view: HFView, probes: int, seq_len: int,
+                    seed: int, tol: float | None, strict: bool) -> list[Check]:
     with tempfile.TemporaryDirectory(prefix="deepfuse-verify-") as work:
-        return _verify_function(plan, fused, report, Path(work), probes=probes, seq_len=seq_len, seed=seed,
+        return _verify_function(plan, fused, report, Path(work), hf_view, probes=probes, seq_len=seq_len, seed=seed,
                                 tol=tol, strict=strict)
 
 
-def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, *, probes: int, seq_len: int,
-                     seed: int, tol: float | None, strict: bool) -> list[Check]:
+def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, hf_view: HFView, *, probes: int,
+                     seq_len: int, seed: int, tol: float | None, strict: bool) -> list[Check]:
     family = plan.family
     runtime = family.preset.runtime
     config = plan.config or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,12 @@ import torch
 
 from .. import __version__
 from ..errors import InputError, UsageError
+from ..convert import naming_of
 from ..formats import open_checkpoint
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
+from ..fuse import write_plan
+from ..ir import Checkpoint
 from ..plan import DTYPES, FuseOptions, build_plan
 from ..rules import load_rules
 from ..rules.schema import Preset
@@ -88,6 +92,17 @@ def _check_source_digests(manifest: dict, sources) -> None:
             if path.is_file() and digest and sha256_file(path) != digest:
                 raise InputError(f"source {ck.path}: {path.name} changed since the fusion (sha256 differs from the manifest)",
                                  "pass the original sources with --sources")
+
+
+def hf_view(ck: Checkpoint, workdir: Path) -> Path:
+    """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint
+    converted (the runtime loads Hugging Face directories)."""
+    if naming_of(ck) == "hf":
+        return ck.path
+    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format="hf"))
+    dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
+    write_plan(plan, dest)
+    return dest
 
 
 def run_verify(fused: Path, opts: VerifyOptions) -> Report:
@@ -166,7 +181,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         report.add(Check("function", "skip", "sources hold NaN/Inf (fused with --allow-nonfinite, recorded in the "
                          "manifest): no function to compare; tensor level only"))
     elif opts.function and fused.is_dir() and not plan.options.convert_only:
-        for check in verify_function(plan, fused_ck, report, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
+        for check in verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
                                      tol=opts.tol, strict=opts.strict):
             report.add(check)
     return report
