@@ -456,14 +456,14 @@ def rules_list(as_json: JsonOpt = False):
 
     presets = [load_preset(n) for n in list_presets()]
     if as_json:
-        out.print_json(json.dumps([{"name": p.name, "model_types": p.model_types, "rules": len(p.rules),
-                                    "description": p.description} for p in presets]))
+        out.print_json(json.dumps([{"name": p.name, "model_types": p.model_types, "namings": p.namings,
+                                    "rules": len(p.rules), "description": p.description} for p in presets]))
         return
-    table = Table(title="deepfuse presets")
-    for col in ("name", "model_type", "rules", "description"):
+    table = Table(title="deepfuse presets (one per model family)")
+    for col in ("name", "model_type", "namings", "rules", "description"):
         table.add_column(col, overflow="fold")
     for p in presets:
-        table.add_row(p.name, ", ".join(p.model_types), str(len(p.rules)), p.description)
+        table.add_row(p.name, ", ".join(p.model_types), ", ".join(p.namings), str(len(p.rules)), p.description)
     out.print(table)
 
 
