@@ -1,10 +1,10 @@
-"""Output formats and the name/layout conversion between them.
+"""The name/layout conversion between the namings of output formats.
 
-A plan is computed in the sources' naming (the rules preset's). The output format decides the
-naming the file needs: a Hugging Face directory needs transformers names, T5X and Orbax
-checkpoints need T5X names. When the two differ (T5X T5 <-> transformers T5), a
-:class:`Conversion` renames each tensor and transposes kernels on the way to the writer, and
-the output config is built for the target runtime (``config.json`` or ``fused.gin``).
+A plan is computed in the sources' naming (the rules preset's). The output format (an adapter of
+:mod:`.formats.registry`) decides the naming the file needs: a Hugging Face directory needs
+transformers names, T5X and Orbax checkpoints need T5X names. When the two differ (T5X T5 <->
+transformers T5), a :class:`Conversion` renames each tensor and transposes kernels on the way to
+the writer, and the output config is built for the target runtime (``config.json`` or ``fused.gin``).
 
 ``deepfuse convert`` is a plan over one source with every op the identity, written through
 the same conversion: the same adapters without fusion.
@@ -19,26 +19,9 @@ import torch
 
 from .architectures import t5x as t5x_arch
 from .errors import UsageError
+from .formats.adapter import FormatAdapter, Naming
 from .formats.base import OutputTensor
-from .ir import Checkpoint
-
-#: ``--to`` values -> output format
-TO_FORMATS = {"safetensors": "hf", "hf": "hf", "t5x": "t5x", "orbax": "orbax"}
-#: output format -> the naming its files use
-NAMING = {"hf": "hf", "t5x": "t5x", "orbax": "t5x"}
-
-
-def source_format(ck: Checkpoint) -> str:
-    return ck.format if ck.format in ("t5x", "orbax") else "hf"
-
-
-def resolve_output_format(to: str | None, first: Checkpoint) -> str:
-    if to is None:
-        return source_format(first)
-    key = to.lower()
-    if key not in TO_FORMATS:
-        raise UsageError(f"--to {to!r}: choose one of safetensors, t5x, orbax")
-    return TO_FORMATS[key]
+from .formats.registry import ADAPTERS, labels
 
 
 @dataclass(frozen=True)
@@ -71,18 +54,17 @@ class Conversion:
 IDENTITY = Conversion()
 
 
-def conversion_for(architecture: str | None, names: list[str], output_format: str) -> Conversion:
-    """How tensors named by ``architecture``'s preset reach ``output_format``'s files."""
-    target = NAMING[output_format]
-    if architecture == "t5x":
-        if target == "t5x":
-            return IDENTITY
-        return _table_conversion(names, t5x_arch.t5x_to_hf_name, "T5X", drop=())
-    if target == "hf":
+def conversion_for(architecture: str | None, names: list[str], output: FormatAdapter) -> Conversion:
+    """How tensors named by ``architecture``'s preset reach ``output``'s files."""
+    source = Naming.T5X if architecture == "t5x" else Naming.HF  # the preset's naming (family knowledge)
+    if source is output.naming:
         return IDENTITY
+    if source is Naming.T5X:
+        return _table_conversion(names, t5x_arch.t5x_to_hf_name, "T5X", drop=())
     if architecture == "t5":
         return _table_conversion(names, t5x_arch.hf_to_t5x_name, "transformers T5", drop=t5x_arch.HF_EMBEDDING_COPIES)
-    raise UsageError(f"--to {output_format}: only T5 models convert to T5X/Orbax (this is a {architecture or 'unknown'} model)",
+    targets = labels([a for a in ADAPTERS if a.naming is output.naming])
+    raise UsageError(f"--to {output.name}: only T5 models convert to {targets} (this is a {architecture or 'unknown'} model)",
                      "write a Hugging Face directory (the default) instead")
 
 
@@ -103,12 +85,13 @@ def _table_conversion(names: list[str], lookup, what: str, drop) -> Conversion:
     return Conversion(rename=rename, transpose=frozenset(transpose), drop=frozenset(dropped))
 
 
-def output_config(architecture: str | None, plan_config: dict | None, output_format: str,
+def output_config(architecture: str | None, plan_config: dict | None, output: FormatAdapter,
                   origin: str = "the model") -> dict | None:
-    """config.json for an HF output; for T5X/Orbax outputs the T5X dimensions (written as gin)."""
+    """The config the output carries, for the runtime of its naming: config.json fields for a
+    Hugging Face naming, the T5X dimensions (written as gin) for a T5X one."""
     if plan_config is None:
         return None
-    if output_format == "hf":
+    if output.naming is Naming.HF:
         if architecture == "t5x":
             out = t5x_arch.hf_config(plan_config)
             for key in ("deepfuse_norm_mode", "deepfuse_norm_groups"):
@@ -119,27 +102,3 @@ def output_config(architecture: str | None, plan_config: dict | None, output_for
     if architecture == "t5":
         return t5x_arch.config_from_hf(plan_config, origin)
     return plan_config
-
-
-def writer_metadata(output_format: str, first: Checkpoint) -> dict:
-    """Layout facts for the T5X/Orbax writers, mirroring the first source where it is of that format."""
-    import numpy as np
-
-    same = first.format == output_format
-    meta = first.metadata if same else {}
-    step = first.metadata.get("step")
-    if output_format == "t5x":
-        out = {"step": int(step or 0), "layout": meta.get("layout", "root")}
-        if meta.get("compression"):
-            out["compression"] = meta["compression"]
-        return out
-    out: dict[str, Any] = {"step": None if step is None else int(step), "layout": meta.get("layout", "item"),
-                           "item": meta.get("item") or "default", "zarr_format": meta.get("zarr_format", 2)}
-    if same:  # the same tree structure, leaf types and shardings as the source
-        for key in ("tree_keys", "value_types", "custom_metadata", "sharding"):
-            if meta.get(key) is not None:
-                out[key] = meta[key]
-        out["extra_leaves"] = dict(meta.get("other_leaves") or {})
-    elif step is not None and first.format == "t5x":  # a T5X train state keeps its step
-        out["extra_leaves"] = {"state/step": np.int32(step)}
-    return out

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..architectures import mlp
+from ..formats.registry import HUGGING_FACE, for_checkpoint
 from ..ir import Checkpoint
 from ..plan import Plan
 from .report import Check, Report
@@ -107,13 +108,13 @@ def _layers(fused_hidden: list[torch.Tensor], sources: list[Outputs]) -> list[di
 
 
 def hf_view(ck: Checkpoint, workdir: Path) -> Path:
-    """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint converted."""
-    if ck.format not in ("t5x", "orbax"):
+    """A Hugging Face directory computing what ``ck`` computes: itself, or ``ck`` converted to one."""
+    if for_checkpoint(ck) is HUGGING_FACE:
         return ck.path
     from ..fuse import write_plan
     from ..plan import FuseOptions, build_plan
 
-    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format="hf"))
+    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format=HUGGING_FACE.name))
     dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
     write_plan(plan, dest)
     return dest
@@ -132,7 +133,8 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     config = plan.config or {}
     if family == "t5x":  # runs as transformers' T5 after conversion
         family = "t5"
-    if family not in ("llama", "gpt2", "t5", "mlp") or plan.sources[0].format not in ("hf", "safetensors", "t5x", "orbax"):
+    first = plan.sources[0]
+    if family not in ("llama", "gpt2", "t5", "mlp") or not for_checkpoint(first).runtime_loadable(first):
         return [Check("function", "skip", f"no reference forward for rules {plan.preset.name!r} "
                       f"({plan.sources[0].format}); tensor level only")]
     if family == "mlp" and not config:
