@@ -24,13 +24,13 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .base import CheckpointWriter, OutputTensor
 from .files import write_file
-from .hf_layout import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES
+from .hf_layout import BIN_INDEX, BIN_SINGLE, CONFIG, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES
 from .safetensors_io import SafetensorsFileWriter, read_safetensors_header
 from .torch_io import read_torch_file
 
 MANIFEST_NAME = "deepfuse.json"
 #: files never copied from a source into the output (the output has its own)
-NOT_COPIED = {"config.json", SAFE_INDEX, BIN_INDEX, MANIFEST_NAME}
+NOT_COPIED = {CONFIG, SAFE_INDEX, BIN_INDEX, MANIFEST_NAME}
 
 
 def _read_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -129,7 +129,7 @@ def read_hf(path: Path) -> Checkpoint:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
-        config = _check_config(path / "config.json") if (path / "config.json").is_file() else None
+        config = _check_config(path / CONFIG) if (path / CONFIG).is_file() else None
         refs, files, meta = _weights_in(path)
         used = {f.name for f in files}
         extra = sorted(

@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .adapter import FormatAdapter, Naming, OutputInfo, write_sidecar
 from .files import sha256_file
+from .hf_layout import CONFIG
 
 if TYPE_CHECKING:
     from ..ir import Checkpoint
     from .base import CheckpointWriter, OutputTensor
-
-CONFIG_NAME = "config.json"
 
 
 class HuggingFaceAdapter(FormatAdapter):
@@ -51,7 +50,7 @@ class HuggingFaceAdapter(FormatAdapter):
         files: dict[str, str] = {}
         if info.config is not None:
             data = (json.dumps(info.config, indent=2, sort_keys=True) + "\n").encode()
-            files.update(write_sidecar(directory, CONFIG_NAME, data))
+            files.update(write_sidecar(directory, CONFIG, data))
         for extra in info.first.extra_files:
             shutil.copyfile(extra, directory / extra.name)
             files[extra.name] = sha256_file(directory / extra.name)
