@@ -87,7 +87,9 @@ class FormatAdapter(ABC):
 
     @abstractmethod
     def writer_metadata(self, first: Checkpoint, max_shard_size: int | str) -> dict[str, Any]:
-        """The layout facts its writer takes, mirroring the first source where that is of this format."""
+        """The layout facts its writer takes, mirroring the first source where that is of this format
+        (step, layout, compression, tree structure); ``max_shard_size`` is the user's bound on one
+        file, for formats that shard."""
 
     @abstractmethod
     def writer(self, directory: Path, outputs: list[OutputTensor], metadata: dict[str, Any]) -> CheckpointWriter:
