@@ -26,8 +26,8 @@ import torch
 
 from . import __version__, ops
 from .errors import InputError, UsageError
-from .formats.base import OutputTensor, gather
 from .formats.adapter import OutputInfo
+from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME
 from .ir import Checkpoint
