@@ -13,10 +13,12 @@ import os
 import re
 import signal
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.markup import escape
@@ -24,8 +26,23 @@ from rich.table import Table
 
 from . import __version__
 from .errors import DeepfuseError, UsageError
+from .formats import registry as formats
+
+
+class _Commands(TyperGroup):
+    """The command group. A value the parser refuses (``--to`` not one of the choices, ``--times``
+    not a number) is reported like every other error: one line and exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as exc:
+            where = (exc.ctx or ctx).command_path
+            _fail(UsageError(exc.format_message().replace("Value error, ", ""), f"see `{where} --help`"))
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="deepfuse",
     help="Deep Fusion checkpoint surgery: fuse trained checkpoints into one wider model whose hidden state "
     "is the concatenation of theirs and whose output is the average of theirs.",
@@ -84,7 +101,10 @@ VerifyOpt = Annotated[bool, typer.Option("--verify", help="Run `deepfuse verify`
 AllowNonfiniteOpt = Annotated[bool, typer.Option("--allow-nonfinite", help="Fuse sources holding NaN/Inf (reported, and recorded in deepfuse.json) instead of refusing.")]
 StepOpt = Annotated[Optional[int], typer.Option("--step", help="T5X/Orbax: the step to read (default: latest).")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="Refuse to start unless the run fits this much memory (e.g. 2GiB); lowers the noise drawn ahead to fit.")]
-ToOpt = Annotated[Optional[str], typer.Option("--to", help="Output format: safetensors (Hugging Face directory), t5x or orbax (default: the first source's).")]
+#: ``--to`` choices: every registered format's name and aliases
+OutputFormat = Enum("OutputFormat", {name: name for name in formats.spellings()}, type=str)
+_TO_HELP = "Output format: " + ", ".join(f"{' or '.join(a.spellings)} ({a.description})" for a in formats.ADAPTERS)
+ToOpt = Annotated[Optional[OutputFormat], typer.Option("--to", case_sensitive=False, help=f"{_TO_HELP}; default: the first source's.")]
 OptStateOpt = Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'drop' (restore with a fresh optimizer) or 'fuse' (widened, scaled as the first fused gradients).")]
 
 
@@ -149,18 +169,19 @@ def _hash_ahead(paths: list[Path], output: Path | None, dry_run: bool) -> None:
 
 
 def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed,
-           dtype, max_shard_size, step=None, to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False,
-           max_memory=None):
-    from .formats import open_checkpoint
+           dtype, max_shard_size, step=None, to: OutputFormat | None = None, optimizer_state="drop", convert_only=False,
+           allow_nonfinite=False, max_memory=None):
+    from .sources import open_source
     from .plan import build_plan
     from .rules import load_rules
 
     if times is not None:
-        sources = [open_checkpoint(paths[0], step=step)] * times
+        sources = [open_source(paths[0], step=step)] * times
     else:
-        sources = [open_checkpoint(p, step=step) for p in paths]
+        sources = [open_source(p, step=step) for p in paths]
     opts, rescaled = _options(len(sources), weights, norm, noise_std, noise_scale, noise_mode, seed, dtype,
-                              max_shard_size, self_fusion=times is not None, to=to, optimizer_state=optimizer_state,
+                              max_shard_size, self_fusion=times is not None, to=None if to is None else to.value,
+                              optimizer_state=optimizer_state,
                               convert_only=convert_only, allow_nonfinite=allow_nonfinite)
     limit = _parse_size(max_memory, "--max-memory") if max_memory is not None else None
     preset = load_rules(rules) if rules else None
@@ -168,9 +189,6 @@ def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std
     if limit is not None:
         plan.fit_memory(limit)
     return plan
-
-
-FORMAT_NAMES = {"hf": "safetensors", "t5x": "T5X", "orbax": "Orbax"}
 
 
 def _human(n: float) -> str:
@@ -187,7 +205,7 @@ def _print_plan(plan, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(plan.to_json()))
         return
-    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}, -> {FORMAT_NAMES[plan.output_format]}"
+    table = Table(title=f"deepfuse plan: {plan.preset.name}, n={plan.n}, -> {plan.output_adapter.label}"
                   f"{' (self-fusion)' if plan.options.self_fusion else ''}, norm={plan.options.norm}",
                   caption=f"{len(plan.entries)} tensors, {_human(plan.total_bytes)} to write; "
                           f"peak memory ~{_human(plan.peak_memory)}; disk needed ~{_human(plan.disk_needed)}")
@@ -241,11 +259,7 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
     if as_json:
         out.print_json(json.dumps(summary))
     elif not quiet:
-        if plan.output_format == "hf":
-            shards = sum(1 for f in result.files if f.endswith(".safetensors"))
-            where = f"{shards} shard(s)"
-        else:
-            where = f"a {FORMAT_NAMES[plan.output_format]} checkpoint ({len(result.files)} files)"
+        where = plan.output_adapter.summary(result.files)
         err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {where} "
                   f"in {elapsed:.1f} s", highlight=False)
     if verify:
@@ -311,7 +325,7 @@ def self_fuse(
 @command
 def convert(
     source: Annotated[Path, typer.Argument(help="The checkpoint to convert.")],
-    to: Annotated[str, typer.Option("--to", help="Output format: safetensors (Hugging Face directory), t5x or orbax.")],
+    to: Annotated[OutputFormat, typer.Option("--to", case_sensitive=False, help=f"{_TO_HELP}.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
     rules: RulesOpt = None, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
     force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, step: StepOpt = None,
@@ -359,10 +373,10 @@ def inspect(
     rules: RulesOpt = None, as_json: JsonOpt = False, step: StepOpt = None,
 ):
     """List tensors, shapes, dtypes, the detected family and the rule claiming each tensor."""
-    from .formats import open_checkpoint
+    from .sources import open_source
     from .rules import RuleSet, load_rules, preset_for_config
 
-    ck = open_checkpoint(model, step=step)
+    ck = open_source(model, step=step)
     preset = None
     family_error = None
     try:
@@ -500,14 +514,14 @@ def rules_check(
 ):
     """Validate a rules file; with MODEL, check every tensor is claimed by exactly one rule and every rule is used."""
     from .errors import RuleError
-    from .formats import open_checkpoint
+    from .sources import open_source
     from .plan import virtualise_output
     from .rules import RuleSet, load_rules
 
     preset = load_rules(name)
     report = {"rules": preset.name, "valid": True, "unmatched": [], "ambiguous": {}, "unused": []}
     if model is not None:
-        ck = open_checkpoint(model, step=step)
+        ck = open_source(model, step=step)
         refs, _ = virtualise_output(ck, 0, preset)
         _, unmatched, ambiguous, unused = RuleSet(preset).coverage(list(refs))
         report.update(unmatched=unmatched, ambiguous={k: [m.index for m in v] for k, v in ambiguous.items()},

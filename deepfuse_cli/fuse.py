@@ -10,7 +10,6 @@ directory is removed. Inputs are only ever read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -27,12 +26,12 @@ import torch
 
 from . import __version__, ops
 from .errors import InputError, UsageError
+from .formats.adapter import OutputInfo
 from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file
-from .formats.hf import MANIFEST_NAME, HFWriter
+from .formats.hf import MANIFEST_NAME
 from .ir import Checkpoint
 from .memory import TRIM_AFTER_BYTES, release_free_memory
-from .convert import writer_metadata
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
 
@@ -337,40 +336,19 @@ def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) 
 
 
 def make_writer(plan: Plan, directory: Path, outputs: list[OutputTensor]):
-    """The streaming writer for the plan's output format (Hugging Face directory by default)."""
-    fmt = plan.output_format
-    if fmt == "t5x":
-        from .formats.t5x import T5XWriter
-
-        return T5XWriter(directory, outputs, writer_metadata(fmt, plan.sources[0]))
-    if fmt == "orbax":
-        from .formats.orbax import OrbaxWriter
-
-        return OrbaxWriter(directory, outputs, writer_metadata(fmt, plan.sources[0]))
-    return HFWriter(directory, outputs, {"max_shard_size": plan.options.max_shard_size,
-                                         "safetensors_metadata": {"format": "pt"}})
+    """The streaming writer of the plan's output format."""
+    adapter = plan.output_adapter
+    return adapter.writer(directory, outputs, adapter.writer_metadata(plan.sources[0], plan.options.max_shard_size))
 
 
 def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
-    """config.json for a Hugging Face output, fused.gin beside a T5X/Orbax one."""
-    cfg = plan.output_config
-    if cfg is None:
-        return
-    if plan.output_format == "hf":
-        data = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
-        write_file(tmp / "config.json", data)
-        files["config.json"] = hashlib.sha256(data).hexdigest()
-        return
-    if cfg.get("model_type") == "t5x":
-        from .architectures.t5x import gin_overrides
-
-        what = ("converted by deepfuse" if plan.options.convert_only else
-                f"Deep Fusion of {plan.n} models by deepfuse {__version__}")
-        carried = plan.state is not None
-        data = gin_overrides(cfg, note=f"Model widths of this checkpoint ({what})",
-                             optimizer_state=None if carried else "drop").encode()
-        write_file(tmp / "fused.gin", data)
-        files["fused.gin"] = hashlib.sha256(data).hexdigest()
+    """The files the output format keeps beside the tensors (config.json and copied extras for a
+    Hugging Face directory, fused.gin beside a T5X/Orbax checkpoint)."""
+    what = ("converted by deepfuse" if plan.options.convert_only else
+            f"Deep Fusion of {plan.n} models by deepfuse {__version__}")
+    info = OutputInfo(config=plan.output_config, first=plan.sources[0], provenance=what,
+                      optimizer_state=plan.state is not None)
+    files.update(plan.output_adapter.write_sidecars(tmp, info))
 
 
 def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
@@ -426,9 +404,6 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
                 torch.set_num_threads(threads)
             files = dict(writer.digests)
             _write_output_config(plan, tmp, files)
-            for extra in (plan.sources[0].extra_files if plan.output_format == "hf" else []):
-                shutil.copyfile(extra, tmp / extra.name)
-                files[extra.name] = sha256_file(tmp / extra.name)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
             fsync_path(tmp)

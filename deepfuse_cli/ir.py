@@ -50,7 +50,7 @@ class Checkpoint:
     """A checkpoint as the rest of the program sees it."""
 
     path: Path
-    format: str  # "hf", "safetensors", "torch", "t5x", "orbax"
+    format: str  # what its reader read; formats.registry.for_checkpoint gives the adapter
     tensors: dict[str, TensorRef]
     config: dict[str, Any] | None = None  # Hugging Face config.json, when there is one
     metadata: dict[str, Any] = field(default_factory=dict)  # format-specific facts

@@ -18,8 +18,10 @@ import torch
 
 from .architectures import Family, family_of
 from . import ops as fusion_ops
-from .convert import IDENTITY, Conversion, conversion_for, naming_of, output_config, resolve_output_format
+from .convert import IDENTITY, Conversion, conversion_for, output_config
 from .errors import InputError, UsageError
+from .formats import registry as formats
+from .formats.registry import naming_of
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
@@ -46,7 +48,7 @@ class FuseOptions:
     max_shard_size: int | str = "5GB"
     self_fusion: bool = False
     allow_nonfinite: bool = False  # fuse sources holding NaN/Inf (reported) instead of refusing
-    output_format: str | None = None  # "hf", "t5x", "orbax"; None: the first source's format
+    output_format: str | None = None  # a format's name or alias (formats.registry); None: the first source's
     optimizer_state: Literal["drop", "fuse"] = "drop"  # T5X/Orbax optimizer state
     convert_only: bool = False  # one source, every op the identity (``deepfuse convert``)
 
@@ -125,7 +127,7 @@ class Plan:
     weights_rescaled: bool = False
     notes: list[str] = field(default_factory=list)
     nonfinite: list[dict[str, Any]] = field(default_factory=list)  # filled while fusing (--allow-nonfinite)
-    output_format: str = "hf"
+    output_format: str = formats.HUGGING_FACE.name  # registered name of the output's format adapter
     conversion: Conversion = IDENTITY  # plan names -> the output format's names and layout
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
     state: Any = None  # optimizer_state.StatePlan when the optimizer state is fused
@@ -138,6 +140,11 @@ class Plan:
     @property
     def family(self) -> Family:
         return family_of(self.preset)
+
+    @property
+    def output_adapter(self) -> formats.FormatAdapter:
+        """The adapter that writes the output."""
+        return formats.get(self.output_format)
 
     @property
     def sources_have_optimizer_state(self) -> bool:
@@ -157,20 +164,15 @@ class Plan:
 
         Every tensor is computed as row blocks on a worker thread while the next tensor's sources
         are loaded (the sources of two tensors, the row-block buffers, noise of later block rows
-        drawn ahead). Then, by writer: safetensors streams the blocks (staging buffers only, never
-        the fused tensor); T5X gathers slabs of whole chunk rows and keeps up to ``MAX_IN_FLIGHT``
-        of them, and as many encoded copies, pending in tensorstore; Orbax gathers the fused
-        tensor and holds its encoded chunk (up to its size) next to it. A conversion that
-        transposes a tensor needs it whole, and its transposed copy. T5X/Orbax sources are decoded
-        from a compressed copy (held while the tensor is read).
+        drawn ahead). Then the writer holds what its format adapter says (``writer_memory``:
+        nothing more when it streams the blocks, slabs or the whole tensor and its encoded copies
+        when it gathers them). A conversion that transposes a tensor needs it whole, and its
+        transposed copy. Sources of a compressed format are decoded from a compressed copy (held
+        while the tensor is read).
         """
-        fmt = self.output_format
+        writer = self.output_adapter
         transposed = self.conversion.transpose
-        compressed_sources = any(ck.format in ("t5x", "orbax") for ck in self.sources)
-        if fmt == "t5x":
-            from .formats.t5x import MAX_IN_FLIGHT, block_bytes
-        elif fmt == "orbax":
-            from .formats.orbax import VALUE_PIECE_BYTES
+        compressed_sources = any(formats.for_checkpoint(ck).compressed for ck in self.sources)
         worst, previous = 0, 0
         for e in self.entries:
             loaded = e.source_bytes // self.n if self.options.self_fusion else e.source_bytes
@@ -185,11 +187,7 @@ class Plan:
             whole = e.name in transposed
             if whole:  # gathered, then transposed
                 work += 2 * e.nbytes
-            if fmt == "t5x":
-                block = min(e.nbytes, block_bytes(e.shape, dtype_size(e.dtype)))
-                work += (2 * MAX_IN_FLIGHT + (0 if whole else 1)) * block
-            elif fmt == "orbax":
-                work += (0 if whole else e.nbytes) + e.nbytes + e.nbytes // 128 + VALUE_PIECE_BYTES
+            work += writer.writer_memory(e.shape, dtype_size(e.dtype), whole)
             previous = loaded
             worst = max(worst, work)
         for se in (self.state.entries if self.state is not None else []):
@@ -300,11 +298,7 @@ def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict 
         if c is None:
             raise InputError(f"{_origin(ck, m)} has no config.json but other sources do",
                              "give model directories for every source")
-        for key in spec.sizes:  # before any arithmetic on them
-            value = c.get(key)
-            if key in c and not (value is None and key in spec.derived) and (type(value) is not int or value < 0):
-                raise InputError(f"{ck.path / 'config.json'}: field {key!r} is {json.dumps(value)[:40]}, expected a "
-                                 "non-negative integer", "fix config.json, or re-download it")
+        family.check_sizes(c, f"{_origin(ck, m)} config")  # before any arithmetic on them
     views = [family.view(c) for c in configs]
     for key in spec.equal:
         ref = views[0].get(key)
@@ -482,9 +476,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     plan.config = widen_config(sources, family, configs, options, groups)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
-        if plan.output_format == "hf":
-            plan.notes.append("optimizer state is not written to a Hugging Face directory (--optimizer-state fuse "
-                              "applies to T5X/Orbax outputs)")
+        writer = plan.output_adapter
+        if not writer.carries_optimizer_state:
+            carriers = formats.labels([a for a in formats.ADAPTERS if a.carries_optimizer_state])
+            plan.notes.append(f"optimizer state is not written to {writer.description} (--optimizer-state fuse "
+                              f"applies to {carriers} outputs)")
         else:
             from .optimizer_state import StatePlan
 
@@ -505,10 +501,10 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:
     """Output format, the name conversion it needs, and the config the output carries."""
-    fmt = resolve_output_format(plan.options.output_format, plan.sources[0])
-    plan.output_format = fmt
-    plan.conversion = conversion_for(plan.preset, names, fmt)
-    plan.output_config = output_config(plan.family, plan.config, fmt, plan.preset.naming, str(plan.sources[0].path))
+    output = formats.output_for(plan.options.output_format, plan.sources[0])
+    plan.output_format = output.name
+    plan.conversion = conversion_for(plan.preset, names, output)
+    plan.output_config = output_config(plan.family, plan.config, output, plan.preset.naming, str(plan.sources[0].path))
 
 
 def natural_key(name: str) -> list:

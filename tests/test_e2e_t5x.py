@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepfuse_cli.formats import open_checkpoint
+from deepfuse_cli.sources import open_source
 from deepfuse_cli.grouped_norm import apply_grouped_norms
 
 from .conftest import FIXTURES
@@ -45,7 +45,7 @@ def outputs_of(path: Path, tmp: Path, groups=None):
 
 
 def test_reader_infers_t5_dimensions():
-    ck = open_checkpoint(LEGACY_A)
+    ck = open_source(LEGACY_A)
     assert ck.format == "t5x"
     d = t5x_trees.DIMS
     assert ck.config == {"model_type": "t5x", "vocab_size": d["vocab"], "d_model": d["emb"], "num_heads": d["heads"],
@@ -64,8 +64,8 @@ def test_rules_cover_t5x_tree_one_to_one():
 def test_self_fusion_keeps_format_and_is_exact(src, tmp_path):
     out = tmp_path / "fused"
     cli("self-fuse", src, "--times", 2, "-o", out, "-q")
-    fused = open_checkpoint(out)
-    source = open_checkpoint(src)
+    fused = open_source(out)
+    source = open_source(src)
     assert fused.format == source.format
     assert fused.config["d_model"] == 2 * source.config["d_model"]
     assert fused.config["num_heads"] == 2 * source.config["num_heads"]
@@ -104,7 +104,7 @@ def test_fusion_prop_is_exact_average_and_rule_is_reported(tmp_path):
 def test_mixed_legacy_and_orbax_sources_fuse(tmp_path):
     out = tmp_path / "fused"
     cli("fuse", ORBAX_A, LEGACY_B, "--norm", "prop", "-o", out, "-q")
-    assert open_checkpoint(out).format == "orbax"
+    assert open_source(out).format == "orbax"
     assert "PASS" in cli("verify", out)
 
 
@@ -116,7 +116,7 @@ def test_convert_to_safetensors_loads_in_transformers(tmp_path):
     # the same values, transposed where the layouts differ
     from safetensors import safe_open
 
-    src = open_checkpoint(LEGACY_A)
+    src = open_source(LEGACY_A)
     with safe_open(str(hf / "model.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("encoder.block.1.layer.1.DenseReluDense.wi_1.weight"),
                            src.tensors["target/encoder/layers_1/mlp/wi_1/kernel"].load().t())
@@ -133,11 +133,11 @@ def test_fuse_to_safetensors_and_back_to_t5x(tmp_path):
     assert_fused_function(logits, hidden, [src_out, src_out], [0.5, 0.5])
     back = tmp_path / "t5x"
     cli("convert", hf, "--to", "t5x", "-o", back, "-q")
-    ck = open_checkpoint(back)
+    ck = open_source(back)
     assert ck.format == "t5x"
     fused_t5x = tmp_path / "fused-t5x"
     cli("self-fuse", LEGACY_A, "--times", 2, "-o", fused_t5x, "-q")
-    direct = open_checkpoint(fused_t5x)
+    direct = open_source(fused_t5x)
     assert sorted(ck.tensors) == sorted(direct.tensors)
     for name, ref in direct.tensors.items():
         assert torch.equal(ck.tensors[name].load(), ref.load()), name
@@ -148,7 +148,7 @@ def test_hf_t5_fused_to_t5x_and_orbax(tmp_path):
     for fmt in ("t5x", "orbax"):
         out = tmp_path / fmt
         cli("fuse", a, b, "--norm", "prop", "--to", fmt, "-o", out, "-q")
-        assert open_checkpoint(out).format == fmt
+        assert open_source(out).format == fmt
         assert "PASS" in cli("verify", out)
 
 
@@ -161,7 +161,7 @@ def test_hf_t5_with_other_relative_attention_refused_for_t5x(hf_fixtures, tmp_pa
 
 def test_tied_t5x_sources_are_untied_exactly(tmp_path):
     """T5 1.0-style (relu, logits via the embedding / sqrt(d)): the fused model gets its own logits_dense."""
-    ck = open_checkpoint(TIED)
+    ck = open_source(TIED)
     assert ck.config["logits_via_embedding"] and not ck.config["gated"]
     assert "target/decoder/logits_dense/kernel" not in ck.tensors
     hf = as_hf(TIED, tmp_path)
@@ -169,7 +169,7 @@ def test_tied_t5x_sources_are_untied_exactly(tmp_path):
     assert cfg["feed_forward_proj"] == "relu" and cfg["scale_decoder_outputs"] is True
     out = tmp_path / "fused"
     cli("self-fuse", TIED, "--times", 2, "-o", out, "-q")
-    fused = open_checkpoint(out)
+    fused = open_source(out)
     assert "target/decoder/logits_dense/kernel" in fused.tensors
     assert "logits_via_embedding = False" in (out / "fused.gin").read_text()
     # block of the tied source = embedding^T / sqrt(d) / 2
@@ -191,7 +191,7 @@ def test_gated_and_ungated_sources_refused(tmp_path):
 def test_optimizer_state_dropped_by_default_and_step_kept(tmp_path):
     out = tmp_path / "fused"
     cli("self-fuse", LEGACY_A, "--times", 2, "-o", out, "-q")
-    ck = open_checkpoint(out)
+    ck = open_source(out)
     assert ck.metadata["step"] == 1000
     assert not ck.metadata.get("optimizer_state")
     gin = (out / "fused.gin").read_text()
@@ -203,7 +203,7 @@ def test_optimizer_state_dropped_by_default_and_step_kept(tmp_path):
 def test_step_selection_and_manifest_step(tmp_path):
     out = tmp_path / "fused"
     cli("self-fuse", MGR_A, "--step", 500, "--times", 2, "-o", out, "-q")
-    assert open_checkpoint(out).metadata["step"] == 500
+    assert open_source(out).metadata["step"] == 500
     assert json.loads((out / "deepfuse.json").read_text())["sources"][0]["step"] == 500
     assert "PASS" in cli("verify", out)
 
@@ -242,7 +242,7 @@ def test_optimizer_state_fused_with_lemma1_scaling(tmp_path):
     rule, re-factored for the fused shape exactly as T5X's Adafactor defines its row/column statistics."""
     out = tmp_path / "fused"
     cli("self-fuse", LEGACY_A, "--times", 2, "--optimizer-state", "fuse", "-o", out, "-q")
-    ck = open_checkpoint(out)
+    ck = open_source(out)
     assert ck.metadata["step"] == 1000
     state = {k: v.load().numpy() for k, v in ck.metadata["optimizer_state"].items()}
     src = t5x_trees.train_state(0)["state"]["param_states"]

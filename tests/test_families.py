@@ -92,9 +92,10 @@ def test_t5_is_described_once_and_its_t5x_naming_is_derived():
 def test_t5x_names_convert_to_transformers_names_and_back():
     """Every tensor of a T5X checkpoint has exactly the name transformers' T5 gives it, and back."""
     from deepfuse_cli.convert import conversion_for
+    from deepfuse_cli.formats.registry import HUGGING_FACE, T5X_LEGACY
 
     t5x_names = sorted(open_checkpoint(FIXTURES / "t5x" / "legacy-a").tensors)
-    to_hf = conversion_for(load_rules("t5x"), t5x_names, "hf")
+    to_hf = conversion_for(load_rules("t5x"), t5x_names, HUGGING_FACE)
     hf_names = sorted(to_hf.out_name(n) for n in t5x_names)
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -106,7 +107,7 @@ def test_t5x_names_convert_to_transformers_names_and_back():
                       if n not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"))
     assert hf_names == expected
     assert to_hf.transpose == {n for n in t5x_names if n.endswith("/kernel") or n.endswith("rel_embedding")}
-    back = conversion_for(load_preset("t5"), hf_names + ["encoder.embed_tokens.weight"], "t5x")
+    back = conversion_for(load_preset("t5"), hf_names + ["encoder.embed_tokens.weight"], T5X_LEGACY)
     assert sorted(back.out_name(n) for n in hf_names) == t5x_names
     assert back.drop == {"encoder.embed_tokens.weight"}
 

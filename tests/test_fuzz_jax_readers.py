@@ -27,6 +27,7 @@ from hypothesis.errors import InvalidArgument
 
 from deepfuse_cli.errors import InputError
 from deepfuse_cli.formats import open_checkpoint
+from deepfuse_cli.sources import open_source
 from deepfuse_cli.formats.orbax import read_orbax
 from deepfuse_cli.formats.t5x import read_t5x
 
@@ -157,12 +158,12 @@ def load_all(ck) -> int:
 
 
 def exercise(box: Sandbox, path: Path, reader) -> None:
-    """open_checkpoint + load everything; on a refusal, the bare format reader too (config inference can
+    """open_source + load everything; on a refusal, the bare format reader too (config inference can
     refuse before any array is looked at). Only results and clean refusals are allowed."""
     box.violations.clear()
     box.active = True
     try:
-        for opener in (open_checkpoint, reader):
+        for opener in (open_source, reader):
             try:
                 ck = opener(path)
                 n = load_all(ck)

@@ -11,13 +11,14 @@ Hooks a module may define (all optional):
 
 * ``canonical_config(config, naming) -> dict`` — a source's config in the preset's own vocabulary;
 * ``naming_config(config, naming, origin, source_naming) -> dict`` — the fused config in another naming's vocabulary;
-* ``infer_config(shapes, origin) -> dict | None`` — dimensions of a checkpoint that has no config;
+* ``infer_config(shapes, naming, origin) -> dict | None`` — dimensions of a checkpoint that has no config;
 * ``forward(tensors, config, inputs) -> (logits, hidden)`` — the ``builtin`` runtime.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -60,9 +61,21 @@ class Family:
         hook = self._hook("naming_config")
         return hook(config, naming, origin, source_naming) if hook is not None and config is not None else config
 
-    def infer_config(self, shapes: dict[str, tuple[int, ...]], origin: str) -> dict | None:
+    def infer_config(self, shapes: dict[str, tuple[int, ...]], naming: str, origin: str) -> dict | None:
+        """The config of a checkpoint in ``naming`` that carries none, from its tensor shapes (or None)."""
         hook = self._hook("infer_config")
-        return hook(shapes, origin) if hook is not None else None
+        return hook(shapes, naming, origin) if hook is not None else None
+
+    def check_sizes(self, config: dict | None, where: str) -> None:
+        """Refuse a config whose size fields are not non-negative integers (null only where derived)."""
+        spec = self.preset.config
+        if spec is None or config is None:
+            return
+        for key in spec.sizes:
+            value = config.get(key)
+            if key in config and not (value is None and key in spec.derived) and (type(value) is not int or value < 0):
+                raise InputError(f"{where}: field {key!r} is {json.dumps(value)[:40]}, expected a non-negative integer",
+                                 "fix config.json, or re-download it")
 
     def view(self, config: dict | None) -> dict[str, Any]:
         """The config with the family's derived values (evaluated in order, each seeing the previous)."""

@@ -28,5 +28,5 @@ def naming_config(config: dict, naming: str, origin: str, source_naming: str) ->
     return config
 
 
-def infer_config(shapes, origin: str) -> dict | None:
-    return t5x.infer_config(shapes, origin)
+def infer_config(shapes, naming: str, origin: str) -> dict | None:
+    return t5x.infer_config(shapes, origin) if naming == "t5x" else None

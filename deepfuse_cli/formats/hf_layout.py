@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+CONFIG = "config.json"
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..naming import DESCRIPTIONS
+
 #: Axis roles whose size is summed over the sources (each source owns a slice).
 WIDENED_ROLES = {
     "hidden": "the model width (d_model / hidden_size / n_embd)",
@@ -60,10 +62,7 @@ OPS = {
 LAYER_TOKEN = "{layer}"
 LAYER_REGEX = r"(?P<layer>\d+)"
 #: Tensor namings: the ecosystem whose names (and layouts) a checkpoint's files use.
-NAMINGS = {
-    "hf": "transformers names, torch layouts (nn.Linear weights [out, in])",
-    "t5x": "T5X/flax names ('target/...'), kernels [in, out]",
-}
+NAMINGS = {n.value: text for n, text in DESCRIPTIONS.items()}
 #: Legacy ``output.scale`` values, as expressions.
 LEGACY_SCALES = {"none": "1.0", "t5_decoder": "d_model ** -0.5 if scale_decoder_outputs else 1.0"}
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..architectures import Family
+from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
 from ..plan import Plan
 from ..rules.schema import RuntimeSpec
@@ -73,9 +74,9 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
 
 
 def _builtin_forward(family: Family, path: Path, config: dict, inputs: dict[str, torch.Tensor]) -> Outputs:
-    from ..formats import open_checkpoint
+    from ..sources import open_source
 
-    ck = open_checkpoint(path)
+    ck = open_source(path)
     tensors = {n: r.load().float() for n, r in ck.tensors.items()}
     logits, hidden = family.hooks.forward(tensors, config, inputs["features"])
     return logits, hidden
@@ -125,6 +126,10 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     runtime = family.preset.runtime
     config = plan.config or {}
     builtin = runtime is not None and runtime.model_class == "builtin"
+    first = plan.sources[0]
+    if not for_checkpoint(first).runtime_loadable(first):
+        return [Check("function", "skip", f"{first.path} ({first.format}) is not a directory a runtime loads; "
+                      "tensor level only")]
     if runtime is None:
         return [Check("function", "skip", f"rules {plan.preset.name!r} name no runtime to run the model in; "
                       "tensor level only")]

@@ -12,10 +12,10 @@ import torch
 
 from .. import __version__
 from ..errors import InputError, UsageError
-from ..convert import naming_of
-from ..formats import open_checkpoint
+from ..sources import open_source
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
+from ..formats.registry import HUGGING_FACE, for_checkpoint
 from ..fuse import write_plan
 from ..ir import Checkpoint
 from ..plan import DTYPES, FuseOptions, build_plan
@@ -97,9 +97,9 @@ def _check_source_digests(manifest: dict, sources) -> None:
 def hf_view(ck: Checkpoint, workdir: Path) -> Path:
     """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint
     converted (the runtime loads Hugging Face directories)."""
-    if naming_of(ck) == "hf":
+    if for_checkpoint(ck) is HUGGING_FACE:
         return ck.path
-    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format="hf"))
+    plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format=HUGGING_FACE.name))
     dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
     write_plan(plan, dest)
     return dest
@@ -156,9 +156,9 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         steps = [None] * len(paths)
 
     if self_fusion:
-        sources = [open_checkpoint(paths[0], step=steps[0])] * len(paths)
+        sources = [open_source(paths[0], step=steps[0])] * len(paths)
     else:
-        sources = [open_checkpoint(p, step=st) for p, st in zip(paths, steps)]
+        sources = [open_source(p, step=st) for p, st in zip(paths, steps)]
     report.sources = [str(p) for p in paths]
     if manifest is not None and not opts.sources:
         _check_source_digests(manifest, sources)
@@ -174,7 +174,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
                         "norm": options.norm, "noise": options.describe_noise(), "seed": options.seed,
                         "self_fusion": self_fusion})
 
-    fused_ck = open_checkpoint(fused)
+    fused_ck = open_source(fused)
     for check in verify_tensors(plan, fused_ck, opts.strict, None):
         report.add(check)
     if options.allow_nonfinite:
