@@ -127,10 +127,14 @@ class Options(BaseModel):
         hint = getattr(cause, "hint", None)
         if field is None or text.startswith(cls.flag(field)):
             return text, hint
-        value = values.get(field)
-        shown = f" {value!r}" if isinstance(value, str) and not isinstance(value, Enum) else (
-            "" if value is None or isinstance(value, bool) else f" {value}")
-        return f"{cls.flag(field)}{shown}: {text}", hint
+        return f"{cls.flag(field)}{_quoted(values.get(field))}: {text}", hint
+
+
+def _quoted(value: Any) -> str:
+    """A value as an error message shows it after its flag: text quoted, numbers and choices as they are."""
+    if value is None or isinstance(value, bool):
+        return ""
+    return f" {value!r}" if isinstance(value, str) and not isinstance(value, Enum) else f" {value}"
 
 
 class FuseOptions(Options):
@@ -175,12 +179,12 @@ class FuseOptions(Options):
 
     @field_validator("weights")
     @classmethod
-    def _weights(cls, weights: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+    def _weights(cls, weights: tuple[float, ...]) -> tuple[float, ...]:
         if not weights:
             raise OptionError("no weights: give one per source")
         for w in weights:
             _check_weight(w)
-        if "sources" not in (info.context or {}) and abs(sum(weights) - 1.0) > 1e-6:
+        if abs(sum(weights) - 1.0) > 1e-6:
             raise OptionError(f"weights sum to {sum(weights):.6g}, not 1")
         return weights
 

@@ -23,7 +23,7 @@ from .convert import IDENTITY, Conversion, conversion_for, output_config, resolv
 from .errors import InputError, UsageError
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
-from .options import FuseOptions  # also imported from here by the commands
+from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .rules.engine import RuleSet, preset_digest, preset_for_config
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
