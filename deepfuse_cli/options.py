@@ -80,7 +80,7 @@ def _size(value: Any, handler) -> ByteSize:
     except ValidationError:
         size = None
     if size is None or size <= 0:
-        raise OptionError("not a size", hint="e.g. 5GB (decimal, as huggingface_hub counts), 500MB, 4GiB or a "
+        raise OptionError("is not a size", hint="e.g. 5GB (decimal, as huggingface_hub counts), 500MB, 4GiB or a "
                           "number of bytes")
     return size
 
@@ -117,7 +117,8 @@ class Options(BaseModel):
 
     @classmethod
     def explain(cls, exc: ValidationError, values: dict[str, Any]) -> tuple[str, str | None]:
-        """One line for the first error: ``--flag VALUE: what is wrong``, and a hint if there is one."""
+        """One line for the first error: ``--flag VALUE: what is wrong`` (or ``--flag VALUE is not ...``),
+        and a hint if there is one."""
         err = exc.errors()[0]
         cause = (err.get("ctx") or {}).get("error")
         loc = [part for part in err["loc"] if isinstance(part, str)]
@@ -127,7 +128,8 @@ class Options(BaseModel):
         hint = getattr(cause, "hint", None)
         if field is None or text.startswith(cls.flag(field)):
             return text, hint
-        return f"{cls.flag(field)}{_quoted(values.get(field))}: {text}", hint
+        sep = " " if text.startswith("is ") else ": "  # a predicate reads on from the value
+        return f"{cls.flag(field)}{_quoted(values.get(field))}{sep}{text}", hint
 
 
 def _quoted(value: Any) -> str:

@@ -123,7 +123,7 @@ def test_sizes(raw, size):
 def test_bad_sizes(raw, field, flag):
     with pytest.raises(UsageError) as info:
         parse(**{field: raw})
-    assert info.value.message == f"{flag} {raw!r}: not a size" and "4GiB" in info.value.hint
+    assert info.value.message == f"{flag} {raw!r} is not a size" and "4GiB" in info.value.hint
 
 
 def test_optimizer_state():
