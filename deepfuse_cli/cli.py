@@ -10,15 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import signal
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.markup import escape
@@ -27,18 +25,25 @@ from rich.table import Table
 from . import __version__
 from .errors import DeepfuseError, UsageError
 from .formats import registry as formats
+from .options import ConvertState, DType, FuseOptions, NoiseMode, NormMode, OptimizerState
 
 
-class _Commands(TyperGroup):
-    """The command group. A value the parser refuses (``--to`` not one of the choices, ``--times``
-    not a number) is reported like every other error: one line and exit 2."""
+class _Commands(typer.core.TyperGroup):
+    """A bad option value (a choice not offered, a number that is not one) is one error line, as
+    every other usage error."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except typer.BadParameter as exc:
-            where = (exc.ctx or ctx).command_path
-            _fail(UsageError(exc.format_message().replace("Value error, ", ""), f"see `{where} --help`"))
+            if os.environ.get("DEEPFUSE_DEBUG"):
+                raise
+            flags = sorted(getattr(exc.param, "opts", None) or [], key=len)
+            detail = (exc.message or "").removeprefix("Value error, ")
+            text = f"{flags[-1]}: {detail[:1].lower()}{detail[1:]}" if flags and detail else exc.format_message()
+            text = text[:1].lower() + text[1:]
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            _fail(UsageError(text, f"see `{where} --help`"))
 
 
 app = typer.Typer(
@@ -84,14 +89,14 @@ def command(fn):
 
 # ---- shared options -------------------------------------------------------------------------
 RulesOpt = Annotated[Optional[str], typer.Option("--rules", help="Preset name or rules file (default: detected from config.json).")]
-NormOpt = Annotated[str, typer.Option("--norm", help="Norm mode: 'rule' (stock runtime) or 'prop' (grouped norms, exact).")]
+NormOpt = Annotated[NormMode, typer.Option("--norm", help="Norm mode: 'rule' (stock runtime) or 'prop' (grouped norms, exact).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Comma-separated positive weights, one per source (normalised to sum 1).")]
 NoiseStdOpt = Annotated[float, typer.Option("--noise-std", help="Absolute std of off-diagonal noise (0: exact zeros).")]
 NoiseScaleOpt = Annotated[float, typer.Option("--noise-scale", help="Off-diagonal noise std relative to the RMS of that tensor's source blocks.")]
-NoiseModeOpt = Annotated[str, typer.Option("--noise-mode", help="'offdiag' or 'preserving' (self-fusion: compensated, function unchanged).")]
+NoiseModeOpt = Annotated[NoiseMode, typer.Option("--noise-mode", help="'offdiag' or 'preserving' (self-fusion: compensated, function unchanged).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for noise; output bytes depend only on inputs, options and seed.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: keep, float32, bfloat16 or float16.")]
-ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB or bytes.")]
+DtypeOpt = Annotated[DType, typer.Option("--dtype", help="Output dtype ('keep': the sources').")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB (decimal, as huggingface_hub counts), 4GiB or bytes.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and write nothing.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -105,55 +110,16 @@ MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="Refus
 OutputFormat = Enum("OutputFormat", {name: name for name in formats.spellings()}, type=str)
 _TO_HELP = "Output format: " + ", ".join(f"{' or '.join(a.spellings)} ({a.description})" for a in formats.ADAPTERS)
 ToOpt = Annotated[Optional[OutputFormat], typer.Option("--to", case_sensitive=False, help=f"{_TO_HELP}; default: the first source's.")]
-OptStateOpt = Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'drop' (restore with a fresh optimizer) or 'fuse' (widened, scaled as the first fused gradients).")]
+OptStateOpt = Annotated[OptimizerState, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'drop' (restore with a fresh optimizer) or 'fuse' (widened, scaled as the first fused gradients).")]
 
 
-def _parse_weights(raw: str | None) -> list[float] | None:
-    if raw is None:
-        return None
-    try:
-        return [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--weights {raw!r} is not a comma-separated list of numbers", "e.g. --weights 0.25,0.75") from None
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def _parse_size(raw: str, flag: str = "--max-shard-size") -> int:
-    """'5GB' (decimal, as huggingface_hub counts), '4GiB' (binary) or a number of bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", raw.upper())
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
-        raise UsageError(f"{flag} {raw!r} is not a size", "e.g. 5GB, 500MB, 4GiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, self_fusion,
-             to=None, optimizer_state="drop", convert_only=False, allow_nonfinite=False):
-    from .plan import DTYPES, FuseOptions, normalise_weights
-
-    if norm not in ("rule", "prop"):
-        raise UsageError(f"--norm {norm!r}: choose 'rule' or 'prop'")
-    if noise_mode not in ("offdiag", "preserving"):
-        raise UsageError(f"--noise-mode {noise_mode!r}: choose 'offdiag' or 'preserving'")
-    if dtype != "keep" and dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose keep, {', '.join(DTYPES)}")
-    for flag, v in (("--noise-std", noise_std), ("--noise-scale", noise_scale)):
-        if not (v >= 0) or v == float("inf"):
-            raise UsageError(f"{flag} {v}: noise must be a finite number >= 0")
-    if convert_only and optimizer_state == "keep":
-        optimizer_state = "fuse"  # one source, weight 1: the state is carried unchanged
-    if optimizer_state not in ("drop", "fuse"):
-        raise UsageError(f"--optimizer-state {optimizer_state!r}: choose 'drop' or 'fuse'"
-                         + (" ('keep' for convert)" if convert_only else ""))
-    w, rescaled = normalise_weights(_parse_weights(weights), n)
-    opts = FuseOptions(weights=w, norm=norm, noise_std=noise_std, noise_scale=noise_scale, noise_mode=noise_mode,
-                       seed=seed, dtype=None if dtype == "keep" else DTYPES[dtype],
-                       max_shard_size=_parse_size(max_shard_size), self_fusion=self_fusion, output_format=to,
-                       optimizer_state=optimizer_state, convert_only=convert_only,
-                       allow_nonfinite=allow_nonfinite)
-    return opts, rescaled
+def _fuse_options(sources: int, args: dict[str, Any], **fixed: Any) -> FuseOptions:
+    """The fusion options among a command's arguments (named as the options' fields; ``to`` is
+    --to), validated once for ``sources`` sources: a bad value is one error naming its flag."""
+    values = {k: v for k, v in args.items() if k in FuseOptions.model_fields}
+    to = args.get("to")
+    return FuseOptions.parse({"sources": sources}, **values, output_format=to.value if isinstance(to, Enum) else to,
+                             **fixed)
 
 
 def _hash_ahead(paths: list[Path], output: Path | None, dry_run: bool) -> None:
@@ -168,27 +134,17 @@ def _hash_ahead(paths: list[Path], output: Path | None, dry_run: bool) -> None:
             pass
 
 
-def _build(paths: list[Path], times: int | None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed,
-           dtype, max_shard_size, step=None, to: OutputFormat | None = None, optimizer_state="drop", convert_only=False,
-           allow_nonfinite=False, max_memory=None):
+def _build(paths: list[Path], options: FuseOptions, rules: str | None, step: int | None):
     from .sources import open_source
     from .plan import build_plan
     from .rules import load_rules
 
-    if times is not None:
-        sources = [open_source(paths[0], step=step)] * times
+    if options.self_fusion:
+        sources = [open_source(paths[0], step=step)] * len(options.weights)
     else:
         sources = [open_source(p, step=step) for p in paths]
-    opts, rescaled = _options(len(sources), weights, norm, noise_std, noise_scale, noise_mode, seed, dtype,
-                              max_shard_size, self_fusion=times is not None, to=None if to is None else to.value,
-                              optimizer_state=optimizer_state,
-                              convert_only=convert_only, allow_nonfinite=allow_nonfinite)
-    limit = _parse_size(max_memory, "--max-memory") if max_memory is not None else None
     preset = load_rules(rules) if rules else None
-    plan = build_plan(sources, opts, preset, weights_rescaled=rescaled)
-    if limit is not None:
-        plan.fit_memory(limit)
-    return plan
+    return build_plan(sources, options, preset)
 
 
 def _human(n: float) -> str:
@@ -279,11 +235,12 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
 def fuse(
     sources: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
-    rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
-    noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
-    max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None,
-    optimizer_state: OptStateOpt = "drop", allow_nonfinite: AllowNonfiniteOpt = False, max_memory: MaxMemoryOpt = None,
+    rules: RulesOpt = None, norm: NormOpt = NormMode.rule, weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
+    noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = NoiseMode.offdiag, seed: SeedOpt = 0,
+    dtype: DtypeOpt = DType.keep, max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
+    force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, step: StepOpt = None,
+    verify: VerifyOpt = False, to: ToOpt = None, optimizer_state: OptStateOpt = OptimizerState.drop,
+    allow_nonfinite: AllowNonfiniteOpt = False, max_memory: MaxMemoryOpt = None,
 ):
     """Fuse different models: hidden state = concatenation, output = (weighted) average.
 
@@ -291,9 +248,9 @@ def fuse(
     """
     if len(sources) < 2:
         raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
+    options = _fuse_options(len(sources), locals())
     _hash_ahead(sources, output, dry_run)
-    plan = _build(sources, None, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
-                  to, optimizer_state, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
+    plan = _build(sources, options, rules, step)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
@@ -303,11 +260,12 @@ def self_fuse(
     source: Annotated[Path, typer.Argument(help="The checkpoint to widen.")],
     times: Annotated[int, typer.Option("--times", help="Number of copies K >= 2.")] = 2,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
-    rules: RulesOpt = None, norm: NormOpt = "rule", noise_std: NoiseStdOpt = 0.0, noise_scale: NoiseScaleOpt = 0.0,
-    noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB",
-    dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None, optimizer_state: OptStateOpt = "drop",
-    allow_nonfinite: AllowNonfiniteOpt = False, max_memory: MaxMemoryOpt = None,
+    rules: RulesOpt = None, norm: NormOpt = NormMode.rule, noise_std: NoiseStdOpt = 0.0, noise_scale: NoiseScaleOpt = 0.0,
+    noise_mode: NoiseModeOpt = NoiseMode.offdiag, seed: SeedOpt = 0, dtype: DtypeOpt = DType.keep,
+    max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False, force: ForceOpt = False, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, step: StepOpt = None, verify: VerifyOpt = False, to: ToOpt = None,
+    optimizer_state: OptStateOpt = OptimizerState.drop, allow_nonfinite: AllowNonfiniteOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Widen one model K times: computes exactly the source's function (the paper's self deep fusion).
 
@@ -315,9 +273,9 @@ def self_fuse(
     """
     if times < 2:
         raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
+    options = _fuse_options(times, locals(), self_fusion=True)
     _hash_ahead([source], output, dry_run)
-    plan = _build([source], times, rules, None, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
-                  to, optimizer_state, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
+    plan = _build([source], options, rules, step)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
 
 
@@ -327,18 +285,18 @@ def convert(
     source: Annotated[Path, typer.Argument(help="The checkpoint to convert.")],
     to: Annotated[OutputFormat, typer.Option("--to", case_sensitive=False, help=f"{_TO_HELP}.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
-    rules: RulesOpt = None, dtype: DtypeOpt = "keep", max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
+    rules: RulesOpt = None, dtype: DtypeOpt = DType.keep, max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
     force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, step: StepOpt = None,
-    optimizer_state: Annotated[str, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'keep' (carried to a T5X/Orbax output) or 'drop'.")] = "keep",
+    optimizer_state: Annotated[ConvertState, typer.Option("--optimizer-state", help="T5X/Orbax Adafactor state: 'keep' (carried to a T5X/Orbax output) or 'drop'.")] = ConvertState.keep,
     max_memory: MaxMemoryOpt = None,
 ):
     """Convert a checkpoint between formats without fusing (T5X/Orbax T5 <-> Hugging Face T5).
 
     Example: deepfuse convert t5x_model/ --to safetensors -o hf_model/
     """
+    options = _fuse_options(1, locals(), convert_only=True)
     _hash_ahead([source], output, dry_run)
-    plan = _build([source], None, rules, None, "rule", 0.0, 0.0, "offdiag", 0, dtype, max_shard_size, step,
-                  to, optimizer_state, convert_only=True, max_memory=max_memory)
+    plan = _build([source], options, rules, step)
     _plan_or_run(plan, output, dry_run, force, quiet, as_json, False)
 
 
@@ -347,10 +305,10 @@ def convert(
 def plan_cmd(
     sources: Annotated[list[Path], typer.Argument(help="Checkpoints to fuse (one with --times for self-fusion).")],
     times: Annotated[Optional[int], typer.Option("--times", help="Self-fusion: number of copies.")] = None,
-    rules: RulesOpt = None, norm: NormOpt = "rule", weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
-    noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = "offdiag", seed: SeedOpt = 0, dtype: DtypeOpt = "keep",
-    max_shard_size: ShardOpt = "5GB", as_json: JsonOpt = False, step: StepOpt = None, to: ToOpt = None,
-    optimizer_state: OptStateOpt = "drop", max_memory: MaxMemoryOpt = None,
+    rules: RulesOpt = None, norm: NormOpt = NormMode.rule, weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
+    noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = NoiseMode.offdiag, seed: SeedOpt = 0,
+    dtype: DtypeOpt = DType.keep, max_shard_size: ShardOpt = "5GB", as_json: JsonOpt = False, step: StepOpt = None,
+    to: ToOpt = None, optimizer_state: OptStateOpt = OptimizerState.drop, max_memory: MaxMemoryOpt = None,
 ):
     """Show every output tensor (rule, op, shapes, dtype, bytes), totals, peak memory and disk needed.
 
@@ -361,8 +319,8 @@ def plan_cmd(
             raise UsageError("--times needs exactly one source and K >= 2")
     elif len(sources) < 2:
         raise UsageError("plan needs two or more sources, or one with --times K")
-    plan = _build(sources, times, rules, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, step,
-                  to, optimizer_state, max_memory=max_memory)
+    options = _fuse_options(times or len(sources), locals(), self_fusion=times is not None)
+    plan = _build(sources, options, rules, step)
     _print_plan(plan, as_json)
 
 
@@ -432,8 +390,9 @@ def verify(
     """
     from .verify import VerifyOptions, run_verify
 
-    result = run_verify(fused, VerifyOptions(sources=sources, times=times, rules=rules, probes=probes, seq_len=seq_len,
-                                             seed=seed, tol=tol, strict=strict, integrity_only=integrity_only))
+    result = run_verify(fused, VerifyOptions.parse(sources=sources, times=times, rules=rules, probes=probes,
+                                                   seq_len=seq_len, seed=seed, tol=tol, strict=strict,
+                                                   integrity_only=integrity_only))
     _emit_verify(result, report, markdown, junit, as_json)
 
 

@@ -2,8 +2,9 @@
 
 Computed from the sources' metadata only (no tensor data is read, except to decide whether a
 present output projection is tied to the embedding), before any byte is written. All
-validation happens here: same family and tensor names, config fields that must agree, one
-rule per tensor, shapes on shared axes, option consistency. ``fuse`` executes a plan.
+validation of the sources happens here: same family and tensor names, config fields that must
+agree, one rule per tensor, shapes on shared axes (the options were validated when
+``options.FuseOptions`` was made). ``fuse`` executes a plan.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -25,53 +26,13 @@ from .formats.registry import naming_of
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch, fused_shape
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
+from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .rules.engine import RuleSet, preset_digest, preset_for_config
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
-NormMode = Literal["rule", "prop"]
-NoiseMode = Literal["offdiag", "preserving"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
 MIN_NOISE_AHEAD = 8 * 2**20  # below this, noise on the second core stops paying for itself
 STREAM_BUFFERS = 64 * 2**20  # streaming writes: staging buffers, noise pieces, queues
-
-
-@dataclass(frozen=True)
-class FuseOptions:
-    weights: tuple[float, ...]
-    norm: NormMode = "rule"
-    noise_std: float = 0.0
-    noise_scale: float = 0.0
-    noise_mode: NoiseMode = "offdiag"
-    seed: int = 0
-    dtype: torch.dtype | None = None  # None: keep the sources' dtype
-    max_shard_size: int | str = "5GB"
-    self_fusion: bool = False
-    allow_nonfinite: bool = False  # fuse sources holding NaN/Inf (reported) instead of refusing
-    output_format: str | None = None  # a format's name or alias (formats.registry); None: the first source's
-    optimizer_state: Literal["drop", "fuse"] = "drop"  # T5X/Orbax optimizer state
-    convert_only: bool = False  # one source, every op the identity (``deepfuse convert``)
-
-    @property
-    def noisy(self) -> bool:
-        return self.noise_std > 0 or self.noise_scale > 0
-
-    def describe_noise(self) -> dict[str, Any]:
-        return {"std": self.noise_std, "scale": self.noise_scale, "mode": self.noise_mode if self.noisy else "none"}
-
-
-def normalise_weights(raw: list[float] | None, n: int) -> tuple[tuple[float, ...], bool]:
-    """Weights summing to 1 (equal if not given); the flag says they were rescaled."""
-    if raw is None:
-        return tuple([1.0 / n] * n), False
-    if len(raw) != n:
-        raise UsageError(f"--weights has {len(raw)} values for {n} sources", "give one positive weight per source")
-    for w in raw:
-        if not (w > 0) or w != w or w == float("inf"):
-            raise UsageError(f"--weights: {w} is not a positive finite number", "weights must be > 0")
-    total = sum(raw)
-    rescaled = abs(total - 1.0) > 1e-9
-    return tuple(w / total for w in raw), rescaled
 
 
 @dataclass
@@ -378,24 +339,16 @@ def _norm_groups(entries: list[PlanEntry]) -> list[int]:
     return []
 
 
-def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | None = None,
-               weights_rescaled: bool = False) -> Plan:
-    if len(sources) < 1:
-        raise UsageError("no sources given")
+def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | None = None) -> Plan:
+    """The plan of fusing ``sources`` with ``options`` (validated when they were made), fitted to
+    ``options.max_memory`` if given."""
     n = len(sources)
+    if n < 1:
+        raise UsageError("no sources given")
     if len(options.weights) != n:
         raise UsageError(f"{len(options.weights)} weights for {n} sources")
-    if options.noise_std < 0 or options.noise_scale < 0:
-        raise UsageError("noise must be >= 0", "use --noise-std or --noise-scale with a non-negative value")
-    if options.noise_std > 0 and options.noise_scale > 0:
-        raise UsageError("give --noise-std or --noise-scale, not both")
-    if options.noise_mode == "preserving" and not options.self_fusion:
-        raise UsageError("--noise-mode preserving applies to self-fusion only",
-                         "use `deepfuse self-fuse`, or --noise-mode offdiag for different sources")
     preset = resolve_preset(sources, rules)
     if options.convert_only:
-        if n != 1:
-            raise UsageError("a conversion takes exactly one source")
         preset = preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
                                                                      for r in preset.rules]})
     family = family_of(preset)
@@ -472,7 +425,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     groups = _norm_groups(entries)
     plan = Plan(sources=sources, preset=preset, options=options, entries=entries, tensors=tensors,
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
-                weights_rescaled=weights_rescaled)
+                weights_rescaled=options.weights_rescaled)
     plan.config = widen_config(sources, family, configs, options, groups)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
@@ -487,7 +440,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
             plan.state = StatePlan.build(plan)
     if any(tied) and preset.output is not None:
         plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
-    if weights_rescaled:
+    if options.weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))
     if options.optimizer_state == "drop" and plan.sources_have_optimizer_state and not options.convert_only:
@@ -496,6 +449,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.norm == "rule" and n > 1 and not options.self_fusion:
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
+    if options.max_memory is not None:
+        plan.fit_memory(options.max_memory)
     return plan
 
 

@@ -21,7 +21,7 @@ from deepfuse_cli.formats import open_checkpoint, safetensors_io, staged_file
 from deepfuse_cli.formats.base import CheckpointWriter, OutputTensor
 from deepfuse_cli.formats.hf import HFWriter
 from deepfuse_cli.fuse import compute_tensor, write_plan
-from deepfuse_cli.plan import FuseOptions, build_plan, normalise_weights
+from deepfuse_cli.plan import FuseOptions, build_plan
 
 CASES = {
     # name: (sources, self-fusion times or None, options)
@@ -42,11 +42,9 @@ CASES = {
 
 
 def make_plan(fixtures: Path, names: list[str], times: int | None, opts: dict):
-    opts = dict(opts)
     sources = [open_checkpoint(fixtures / names[0])] * times if times else [open_checkpoint(fixtures / n) for n in names]
-    weights, rescaled = normalise_weights(opts.pop("weights", None), len(sources))
-    options = FuseOptions(weights=weights, self_fusion=times is not None, **opts)
-    return build_plan(sources, options, weights_rescaled=rescaled)
+    options = FuseOptions.parse({"sources": len(sources)}, self_fusion=times is not None, **opts)
+    return build_plan(sources, options)
 
 
 def write_materialised(plan, directory: Path) -> dict[str, str]:

@@ -5,39 +5,47 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field, ValidationError, model_validator
 
 from .. import __version__
 from ..errors import InputError, UsageError
-from ..sources import open_source
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..formats.registry import HUGGING_FACE, for_checkpoint
 from ..fuse import write_plan
 from ..ir import Checkpoint
-from ..plan import DTYPES, FuseOptions, build_plan
+from ..options import FuseOptions, OptionError, Options
+from ..plan import build_plan
 from ..rules import load_rules
 from ..rules.schema import Preset
+from ..sources import open_source
 from .function_level import verify_function
 from .report import Check, Report
 from .tensor_level import verify_tensors
 
 
-@dataclass
-class VerifyOptions:
-    sources: list[Path] | None = None
-    times: int | None = None
+class VerifyOptions(Options):
+    """What ``deepfuse verify`` checks, and how hard."""
+
+    sources: tuple[Path, ...] | None = None  # default: the manifest's
+    times: int | None = Field(default=None, ge=2)  # self-fusion: the one source copied K times
     rules: str | None = None
-    probes: int = 4
-    seq_len: int = 16
+    probes: int = Field(default=4, ge=1)
+    seq_len: int = Field(default=16, ge=2)
     seed: int = 0
-    tol: float | None = None
+    tol: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # default: by dtype
     strict: bool = False
     integrity_only: bool = False
     function: bool = True
+
+    @model_validator(mode="after")
+    def _one_source_for_times(self) -> VerifyOptions:
+        if self.times is not None and self.sources and len(self.sources) != 1:
+            raise OptionError(f"needs exactly one source, not {len(self.sources)}", field="times")
+        return self
 
 
 def read_manifest(fused: Path) -> dict | None:
@@ -68,21 +76,29 @@ def check_integrity(fused: Path, manifest: dict) -> Check:
                  {"files": len(files)})
 
 
-def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool) -> FuseOptions:
+def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool, where: Path) -> FuseOptions:
+    """The options the fusion ran with, as its manifest records them (none: equal weights, no noise)."""
     if manifest is None:
-        return FuseOptions(weights=tuple([1.0 / n] * n), self_fusion=self_fusion)
+        return FuseOptions.parse({"sources": n}, self_fusion=self_fusion)
     noise = manifest.get("noise") or {}
-    dtype = manifest.get("dtype")
-    return FuseOptions(
-        weights=tuple(manifest.get("weights") or [1.0 / n] * n),
+    values = dict(
+        weights=manifest.get("weights"),
         norm=(manifest.get("norm") or {}).get("mode", "rule"),
-        noise_std=float(noise.get("std", 0.0)), noise_scale=float(noise.get("scale", 0.0)),
+        noise_std=noise.get("std", 0.0), noise_scale=noise.get("scale", 0.0),
         noise_mode=noise.get("mode") if noise.get("mode") in ("offdiag", "preserving") else "offdiag",
-        seed=int(manifest.get("seed", 0)), dtype=DTYPES.get(dtype) if dtype else None, self_fusion=self_fusion,
+        seed=manifest.get("seed", 0), dtype=manifest.get("dtype"), self_fusion=self_fusion,
         output_format=manifest.get("output_format"), convert_only=manifest.get("kind") == "conversion",
         optimizer_state=manifest.get("optimizer_state") or "drop",
         allow_nonfinite=bool(manifest.get("nonfinite")),
     )
+    try:
+        if values["weights"] is None:  # equal weights
+            return FuseOptions.model_validate(values, context={"sources": n})
+        return FuseOptions.model_validate(values)
+    except ValidationError as exc:
+        message, _ = FuseOptions.explain(exc, values)
+        raise InputError(f"{where}: the recorded options are invalid ({message})",
+                         "pass --sources to verify without the manifest's options") from None
 
 
 def _check_source_digests(manifest: dict, sources) -> None:
@@ -133,8 +149,6 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     if opts.sources:
         paths = list(opts.sources)
         if opts.times is not None:
-            if len(paths) != 1 or opts.times < 2:
-                raise UsageError("--times needs exactly one source and K >= 2")
             paths = paths * opts.times
         self_fusion = opts.times is not None or (manifest is not None and manifest.get("kind") == "self-fusion")
         use_manifest_options = manifest is not None and int(manifest.get("n", 0)) == len(paths)
@@ -162,7 +176,8 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     report.sources = [str(p) for p in paths]
     if manifest is not None and not opts.sources:
         _check_source_digests(manifest, sources)
-    options = _options_from_manifest(manifest if use_manifest_options else None, len(sources), self_fusion)
+    options = _options_from_manifest(manifest if use_manifest_options else None, len(sources), self_fusion,
+                                     fused / MANIFEST_NAME)
 
     preset: Preset | None = None
     if opts.rules:
