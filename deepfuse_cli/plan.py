@@ -57,6 +57,18 @@ class FuseOptions:
         return {"std": self.noise_std, "scale": self.noise_scale, "mode": self.noise_mode if self.noisy else "none"}
 
 
+#: the most copies a self-fusion makes: far wider than any useful model, and small enough that the
+#: per-source lists of a plan stay small (a huge K is refused before anything is built for it)
+MAX_COPIES = 1024
+
+
+def check_copies(times: int) -> None:
+    """Refuse a self-fusion ``--times`` outside 2..MAX_COPIES."""
+    if not 2 <= times <= MAX_COPIES:
+        raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies (at most {MAX_COPIES})",
+                         "choose the number of copies K, e.g. --times 2")
+
+
 def normalise_weights(raw: list[float] | None, n: int) -> tuple[tuple[float, ...], bool]:
     """Weights summing to 1 (equal if not given); the flag says they were rescaled."""
     if raw is None:
@@ -67,6 +79,8 @@ def normalise_weights(raw: list[float] | None, n: int) -> tuple[tuple[float, ...
         if not (w > 0) or w != w or w == float("inf"):
             raise UsageError(f"--weights: {w} is not a positive finite number", "weights must be > 0")
     total = sum(raw)
+    if total == float("inf"):
+        raise UsageError(f"--weights {','.join(map(str, raw))}: the sum overflows", "use weights of a sensible size, e.g. 1,3")
     rescaled = abs(total - 1.0) > 1e-9
     return tuple(w / total for w in raw), rescaled
 

@@ -43,6 +43,7 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from .. import untrusted
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
@@ -176,13 +177,8 @@ def _locate(path: Path, step: int | None) -> tuple[Path, str, str | None, int | 
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read {what} ({_one_line(exc)})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}",
-                         "the checkpoint is damaged; re-save it with orbax-checkpoint") from None
+    return untrusted.read_json(path, what=what, hint="the checkpoint is damaged; re-save it with orbax-checkpoint",
+                               expect=None)
 
 
 def _parse_tree_metadata(meta_path: Path, data: Any) -> list[tuple[list[tuple[str, int]], dict[str, Any]]]:
@@ -285,7 +281,7 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
             raise InputError(f"{item_dir}: array {n!r} is listed in {METADATA} but missing from the OCDBT database",
                              "the checkpoint is incomplete (interrupted save?); re-save it")
         try:
-            zmeta = json.loads(bytes(r.value))
+            zmeta = untrusted.loads(bytes(r.value))
             shape = tuple(int(s) for s in zmeta["shape"])
             dtype = _dtype_from_zarr(zmeta, zarr_format)
         except (ValueError, KeyError, TypeError) as exc:
@@ -363,7 +359,7 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
     checkpoint_metadata = None
     if (step_meta_dir / CHECKPOINT_METADATA).is_file():
         try:
-            checkpoint_metadata = json.loads((step_meta_dir / CHECKPOINT_METADATA).read_text(encoding="utf-8"))
+            checkpoint_metadata = untrusted.loads((step_meta_dir / CHECKPOINT_METADATA).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             checkpoint_metadata = None  # informational only; never needed to read the arrays
     metadata = {

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
@@ -44,6 +43,7 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from .. import untrusted
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
@@ -385,7 +385,7 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
         raise InputError(f"{where}: {rel}/.zarray resolves outside the checkpoint directory",
                          "a T5X array must live inside its checkpoint directory; refusing to follow the link")
     try:
-        meta = json.loads(zarray.read_text(encoding="utf-8"))
+        meta = untrusted.loads(zarray.read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])
         chunks = tuple(int(c) for c in meta["chunks"])
         dtype = _zarr_dtype(meta["dtype"], where)

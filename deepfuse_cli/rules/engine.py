@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import RuleError
+from ..untrusted import parse_json, validation_summary
 from .schema import Preset, Rule
 
 PRESET_PACKAGE = "deepfuse_cli.rules.presets"
@@ -26,23 +27,13 @@ def list_presets() -> list[str]:
     return sorted(f.name[:-5] for f in files if f.name.endswith(".json"))
 
 
-def _format_validation(origin: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-    msg = err["msg"].removeprefix("Value error, ")
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"rules file {origin}: {loc or 'top level'}: {msg}{more}"
-
-
 def parse_preset(text: str, origin: str) -> Preset:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RuleError(f"rules file {origin}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    data = parse_json(text, f"rules file {origin}", error=RuleError, expect=None)
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
-        raise RuleError(_format_validation(origin, exc), "see `deepfuse rules show llama` for a valid example") from None
+        raise RuleError(f"rules file {origin}: {validation_summary(exc)}",
+                        "see `deepfuse rules show llama` for a valid example") from None
 
 
 def load_preset(name: str) -> Preset:
@@ -81,9 +72,24 @@ def preset_for_config(config: dict | None, origin: str) -> Preset:
     )
 
 
-def preset_digest(preset: Preset) -> str:
-    canon = json.dumps(preset.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def rules_digest(data: dict) -> str:
+    """The sha256 of a preset's JSON data, canonicalised (sorted keys, no spaces)."""
+    canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def preset_digest(preset: Preset) -> str:
+    return rules_digest(preset.model_dump(mode="json"))
+
+
+def builtin_preset_with_digest(digest: str) -> Preset | None:
+    """The built-in preset whose digest is ``digest``, if any: how rules recorded in a file we did not
+    write (a manifest) are used without compiling a single pattern taken from it."""
+    for name in list_presets():
+        preset = load_preset(name)
+        if preset_digest(preset) == digest:
+            return preset
+    return None
 
 
 @dataclass(frozen=True)

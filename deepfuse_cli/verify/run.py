@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,18 @@ from ..errors import InputError, UsageError
 from ..formats import open_checkpoint
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
-from ..plan import DTYPES, FuseOptions, build_plan
+from ..manifest import Manifest
+from ..plan import DTYPES, FuseOptions, build_plan, check_copies
 from ..rules import load_rules
+from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
 from .function_level import verify_function
 from .report import Check, Report
 from .tensor_level import verify_tensors
+
+
+#: probes x seq-len: the function check holds logits and hidden states of this many tokens per model
+MAX_PROBE_TOKENS = 2**14
 
 
 @dataclass
@@ -35,22 +40,29 @@ class VerifyOptions:
     integrity_only: bool = False
     function: bool = True
 
+    def check(self) -> None:
+        """Refuse absurd numbers before any work: they would fail late, or exhaust memory."""
+        if self.probes < 1 or self.seq_len < 1:
+            flag, value = ("--probes", self.probes) if self.probes < 1 else ("--seq-len", self.seq_len)
+            raise UsageError(f"{flag} {value}: must be at least 1", "e.g. --probes 4 --seq-len 16")
+        if self.probes * self.seq_len > MAX_PROBE_TOKENS:
+            raise UsageError(f"--probes {self.probes} x --seq-len {self.seq_len}: at most {MAX_PROBE_TOKENS} probe "
+                             "tokens in all", "a few short probes are enough to compare functions, e.g. --probes 4")
+        if not 0 <= self.seed < 2**64:
+            raise UsageError(f"--seed {self.seed}: must be between 0 and 2**64 - 1")
+        if self.tol is not None and not 0 <= self.tol < float("inf"):
+            raise UsageError(f"--tol {self.tol}: must be a finite number >= 0", "e.g. --tol 1e-5")
 
-def read_manifest(fused: Path) -> dict | None:
+
+def read_manifest(fused: Path) -> Manifest | None:
     path = fused / MANIFEST_NAME if fused.is_dir() else None
     if path is None or not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc})", "pass --sources to verify without it") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: the manifest is not a JSON object")
-    return data
+    return Manifest.read(path)
 
 
-def check_integrity(fused: Path, manifest: dict) -> Check:
-    files = manifest.get("files") or {}
+def check_integrity(fused: Path, manifest: Manifest) -> Check:
+    files = manifest.files
     bad = []
     for name, digest in sorted(files.items()):
         p = fused / name
@@ -64,34 +76,45 @@ def check_integrity(fused: Path, manifest: dict) -> Check:
                  {"files": len(files)})
 
 
-def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool) -> FuseOptions:
+def _options_from_manifest(manifest: Manifest | None, n: int, self_fusion: bool) -> FuseOptions:
     if manifest is None:
         return FuseOptions(weights=tuple([1.0 / n] * n), self_fusion=self_fusion)
-    noise = manifest.get("noise") or {}
-    dtype = manifest.get("dtype")
+    noise = manifest.noise
     return FuseOptions(
-        weights=tuple(manifest.get("weights") or [1.0 / n] * n),
-        norm=(manifest.get("norm") or {}).get("mode", "rule"),
-        noise_std=float(noise.get("std", 0.0)), noise_scale=float(noise.get("scale", 0.0)),
-        noise_mode=noise.get("mode") if noise.get("mode") in ("offdiag", "preserving") else "offdiag",
-        seed=int(manifest.get("seed", 0)), dtype=DTYPES.get(dtype) if dtype else None, self_fusion=self_fusion,
-        output_format=manifest.get("output_format"), convert_only=manifest.get("kind") == "conversion",
-        optimizer_state=manifest.get("optimizer_state") or "drop",
-        allow_nonfinite=bool(manifest.get("nonfinite")),
+        weights=tuple(manifest.weights), norm=manifest.norm.mode,
+        noise_std=noise.std, noise_scale=noise.scale, noise_mode="offdiag" if noise.mode == "none" else noise.mode,
+        seed=manifest.seed, dtype=DTYPES[manifest.dtype] if manifest.dtype else None, self_fusion=self_fusion,
+        output_format=manifest.output_format, convert_only=manifest.kind == "conversion",
+        optimizer_state=manifest.optimizer_state or "drop", allow_nonfinite=bool(manifest.nonfinite),
     )
 
 
-def _check_source_digests(manifest: dict, sources) -> None:
-    for rec, ck in zip(manifest.get("sources", []), sources):
-        for name, digest in (rec.get("files") or {}).items():
-            path = Path(name) if Path(name).is_absolute() else ck.path / name
-            if path.is_file() and digest and sha256_file(path) != digest:
+def _preset_from_manifest(manifest: Manifest, fused: Path) -> Preset:
+    """The rules a manifest records, used only when they are a built-in preset (same digest): patterns
+    taken from a file are never compiled, as a crafted one could make matching take forever."""
+    preset = builtin_preset_with_digest(rules_digest(manifest.rules))
+    if preset is None:
+        raise UsageError(f"{fused / MANIFEST_NAME}: the fusion used rules that are not a built-in preset "
+                         f"({manifest.preset!r}); they are not taken from the manifest",
+                         "pass the rules file used for the fusion with --rules")
+    return preset
+
+
+def _check_source_digests(manifest: Manifest, sources) -> None:
+    """Each source's own weight files (as its reader found them) against the digests the manifest
+    recorded for them. Only those files are opened: a manifest naming other files (``..``, an
+    absolute path) cannot make verify read them."""
+    for rec, ck in zip(manifest.sources, sources):
+        for name, path in ck.weight_file_names().items():
+            digest = rec.files.get(name)
+            if digest and path.is_file() and sha256_file(path) != digest:
                 raise InputError(f"source {ck.path}: {path.name} changed since the fusion (sha256 differs from the manifest)",
                                  "pass the original sources with --sources")
 
 
 def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     fused = Path(fused)
+    opts.check()
     if not fused.exists():
         raise InputError(f"{fused}: no such file or directory")
     manifest = read_manifest(fused)
@@ -118,15 +141,16 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     if opts.sources:
         paths = list(opts.sources)
         if opts.times is not None:
-            if len(paths) != 1 or opts.times < 2:
-                raise UsageError("--times needs exactly one source and K >= 2")
+            if len(paths) != 1:
+                raise UsageError("--times needs exactly one source")
+            check_copies(opts.times)
             paths = paths * opts.times
-        self_fusion = opts.times is not None or (manifest is not None and manifest.get("kind") == "self-fusion")
-        use_manifest_options = manifest is not None and int(manifest.get("n", 0)) == len(paths)
+        self_fusion = opts.times is not None or (manifest is not None and manifest.kind == "self-fusion")
+        use_manifest_options = manifest is not None and manifest.n == len(paths)
     elif manifest is not None:
-        paths = [Path(s["path"]) for s in manifest.get("sources", [])]
-        steps = [s.get("step") for s in manifest.get("sources", [])]
-        self_fusion = manifest.get("kind") == "self-fusion"
+        paths = [Path(s.path) for s in manifest.sources]
+        steps = [s.step for s in manifest.sources]
+        self_fusion = manifest.kind == "self-fusion"
         use_manifest_options = True
         for p in paths:
             if not p.exists():
@@ -134,7 +158,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
                                  "pass the sources with --sources A B ... (and --times K for self-fusion)")
     else:
         raise UsageError(f"{fused} has no manifest: name its sources", "pass --sources A B ... (or --sources A --times K)")
-    conversion = manifest is not None and manifest.get("kind") == "conversion"
+    conversion = manifest is not None and manifest.kind == "conversion"
     if len(paths) < 2 and not conversion:
         raise UsageError("verification needs two or more sources, or one with --times K")
     if opts.sources or manifest is None:
@@ -152,8 +176,8 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     preset: Preset | None = None
     if opts.rules:
         preset = load_rules(opts.rules)
-    elif manifest is not None and isinstance(manifest.get("rules"), dict):
-        preset = Preset.model_validate(manifest["rules"])
+    elif manifest is not None:
+        preset = _preset_from_manifest(manifest, fused)
     plan = build_plan(sources, options, preset)
     report.meta.update({"preset": plan.preset.name, "n": plan.n, "weights": list(options.weights),
                         "norm": options.norm, "noise": options.describe_noise(), "seed": options.seed,
