@@ -451,7 +451,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 if r.shape[ax] % rule.parts:
                     raise InputError(f"{_origin(sources[m], m)}: tensor {name!r} axis {ax} ({r.shape[ax]}) "
                                      f"does not split into {rule.parts} equal parts")
-        dtype = options.dtype or _promote([r.dtype for r in refs])
+        dtype = options.dtype or _promote(name, refs)
         if not (dtype.is_floating_point or rule.op == "passthrough_identical"):
             raise InputError(f"tensor {name!r} has dtype {dtype}, which cannot be fused",
                              "only floating-point parameters can be fused")
@@ -504,10 +504,16 @@ def natural_key(name: str) -> list:
     return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
 
 
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
+def _promote(name: str, refs: list[TensorRef]) -> torch.dtype:
+    """The dtype the sources of tensor ``name`` fuse in (the widest of theirs)."""
+    out = refs[0].dtype
+    for r in refs[1:]:
+        try:
+            out = torch.promote_types(out, r.dtype)
+        except RuntimeError:  # torch defines no promotion for float8 types
+            raise InputError(f"tensor {name!r} is {str(refs[0].dtype).removeprefix('torch.')} in {refs[0].source} but "
+                             f"{str(r.dtype).removeprefix('torch.')} in {r.source}: these dtypes do not mix",
+                             "cast every source to one dtype with --dtype float32 (or bfloat16, float16)") from None
     return out
 
 

@@ -120,6 +120,14 @@ def resolves_inside(path: Path, root: Path) -> bool:
         return False
 
 
+def require_inside(path: Path, root: Path, *, where: str, shown: str, hint: str) -> None:
+    """Refuse (InputError) to go on with ``path`` unless it stays inside ``root`` (resolved): a checkpoint's
+    internal files must not lead elsewhere. ``shown``: the path as messages show it."""
+    if not resolves_inside(path, root):
+        raise InputError(f"{where}: {shown} resolves outside the checkpoint directory (a link out, or a symlink loop)",
+                         hint)
+
+
 def validation_summary(exc: Any) -> str:
     """A pydantic ``ValidationError`` as one line: the first problem's location and message."""
     errors = exc.errors()
