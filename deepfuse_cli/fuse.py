@@ -272,7 +272,7 @@ def check_output_path(output: Path, sources: list[Checkpoint], force: bool) -> N
 
 def _existing_ancestor(path: Path) -> Path:
     path = resolve(path, error=UsageError)
-    while not path.exists():
+    while not os.path.exists(path):  # False for a name too long, too
         path = path.parent
     return path
 
@@ -281,7 +281,7 @@ def _make_parents(output: Path) -> list[Path]:
     """Create the output's missing parent directories; return them, deepest first."""
     created = []
     p = _location(output).parent
-    while not p.exists():
+    while not os.path.exists(p):
         created.append(p)
         p = p.parent
     for d in reversed(created):

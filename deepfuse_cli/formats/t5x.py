@@ -372,6 +372,7 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
     root = untrusted.resolve(step_dir)
     untrusted.require_inside(directory, root, where=where, shown=f"{rel}/", hint=_INSIDE_HINT)
     zarray = directory / ".zarray"
+    untrusted.require_inside(zarray, root, where=where, shown=f"{rel}/.zarray", hint=_INSIDE_HINT)  # before reading
     try:
         found = zarray.is_file()
     except OSError as exc:  # e.g. a name too long
@@ -380,7 +381,6 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
         what = "array directory" if not directory.is_dir() else "zarr metadata"
         raise InputError(f"{where} is missing on disk ({what} {rel}/{'' if what.startswith('array') else '.zarray'} "
                          "not found)", _COPY_HINT)
-    untrusted.require_inside(zarray, root, where=where, shown=f"{rel}/.zarray", hint=_INSIDE_HINT)  # before reading
     try:
         meta = untrusted.loads(zarray.read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])

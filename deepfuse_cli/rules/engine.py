@@ -28,7 +28,8 @@ def list_presets() -> list[str]:
 
 
 def parse_preset(text: str, origin: str) -> Preset:
-    data = parse_json(text, f"rules file {origin}", error=RuleError, expect=None)
+    data = parse_json(text, f"rules file {origin}", error=RuleError, expect=None,
+                      hint="see `deepfuse rules show llama --json` for a valid example")
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
