@@ -393,8 +393,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.convert_only:
         if n != 1:
             raise UsageError("a conversion takes exactly one source")
-        preset = preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
-                                                                     for r in preset.rules]})
+        preset = conversion_preset(preset)
     check_configs(sources, preset)
 
     tensors: list[dict[str, TensorRef]] = []
@@ -502,6 +501,12 @@ def _resolve_output(plan: Plan, names: list[str]) -> None:
 def natural_key(name: str) -> list:
     """Sort key ordering ``layers.2`` before ``layers.10``."""
     return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
+
+
+def conversion_preset(preset: Preset) -> Preset:
+    """The form of ``preset`` a conversion runs with: no output averaging, every rule optional."""
+    return preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
+                                                               for r in preset.rules]})
 
 
 def _promote(name: str, refs: list[TensorRef]) -> torch.dtype:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -83,12 +84,12 @@ def preset_digest(preset: Preset) -> str:
     return rules_digest(preset.model_dump(mode="json"))
 
 
-def builtin_preset_with_digest(digest: str) -> Preset | None:
-    """The built-in preset whose digest is ``digest``, if any: how rules recorded in a file we did not
-    write (a manifest) are used without compiling a single pattern taken from it."""
+def builtin_preset_with_digest(digest: str, variant: Callable[[Preset], Preset] | None = None) -> Preset | None:
+    """The built-in preset whose digest (or its ``variant``'s) is ``digest``, if any: how rules recorded
+    in a file we did not write (a manifest) are used without compiling a single pattern taken from it."""
     for name in list_presets():
         preset = load_preset(name)
-        if preset_digest(preset) == digest:
+        if digest == preset_digest(preset) or (variant is not None and digest == preset_digest(variant(preset))):
             return preset
     return None
 

@@ -14,7 +14,7 @@ from ..formats import open_checkpoint
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..manifest import Manifest
-from ..plan import DTYPES, FuseOptions, build_plan, check_copies
+from ..plan import DTYPES, FuseOptions, build_plan, check_copies, conversion_preset
 from ..rules import load_rules
 from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
@@ -92,7 +92,8 @@ def _options_from_manifest(manifest: Manifest | None, n: int, self_fusion: bool)
 def _preset_from_manifest(manifest: Manifest, fused: Path) -> Preset:
     """The rules a manifest records, used only when they are a built-in preset (same digest): patterns
     taken from a file are never compiled, as a crafted one could make matching take forever."""
-    preset = builtin_preset_with_digest(rules_digest(manifest.rules))
+    variant = conversion_preset if manifest.kind == "conversion" else None  # what build_plan derives again
+    preset = builtin_preset_with_digest(rules_digest(manifest.rules), variant)
     if preset is None:
         raise UsageError(f"{fused / MANIFEST_NAME}: the fusion used rules that are not a built-in preset "
                          f"({manifest.preset!r}); they are not taken from the manifest",
