@@ -289,18 +289,26 @@ def _make_parents(output: Path) -> list[Path]:
     return created
 
 
-@contextmanager
-def _locked(directory: Path, *, wait: bool = True):
-    """An exclusive ``flock`` on ``directory`` while the block runs (yields False if ``wait`` is off and
-    another process holds it). The lock dies with the process, however it ends."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+def _flock(fd: int, wait: bool = True) -> bool | None:
+    """An exclusive ``flock`` on ``fd``: True when taken, False when another process holds it (only
+    without ``wait``), None where the filesystem has no such locks. It dies with the process."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+
+
+@contextmanager
+def _locked(directory: Path, *, wait: bool = True, follow: bool = True):
+    """``_flock`` on ``directory`` while the block runs (yields what it returned)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW))
+    try:
+        yield _flock(fd, wait)
     finally:
         os.close(fd)
 
@@ -316,14 +324,14 @@ def _make_temp(output: Path) -> tuple[Path, int]:
         for p in output.parent.iterdir():
             if p.name.startswith(prefix) and p.name[len(prefix):].isdecimal() and p.is_dir() and not p.is_symlink():
                 try:
-                    with _locked(p, wait=False) as mine:
-                        if mine:
+                    with _locked(p, wait=False, follow=False) as mine:
+                        if mine is True:
                             shutil.rmtree(p, ignore_errors=True)
                 except OSError:  # gone meanwhile, or not ours to open: left alone
                     pass
         tmp.mkdir()
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _flock(fd)
     return tmp, fd
 
 

@@ -380,6 +380,16 @@ def test_verify_hashes_only_the_sources_own_files(fused, tmp_path, hashed):
     assert (GOOD / "model.safetensors").resolve() in hashed  # the source's own file is checked
 
 
+def test_verify_integrity_does_not_follow_links_out_of_the_checkpoint(fused, tmp_path, hashed):
+    out = copy_of(fused, tmp_path, "fused")
+    outside = tmp_path / "config.json"
+    shutil.move(out / "config.json", outside)
+    (out / "config.json").symlink_to(outside)
+    result = runner.invoke(app, ["verify", str(out), "--integrity-only"])
+    assert result.exit_code == 1 and "config.json is not a file of" in result.stderr, result.output
+    assert outside.resolve() not in hashed
+
+
 # ---- 8. the manifest: typed, and never executed ------------------------------------------------------------------
 def test_manifest_round_trips_byte_for_byte(fused):
     text = (fused / "deepfuse.json").read_text()
@@ -514,6 +524,13 @@ def test_dangling_symlink_output(tmp_path):
     run_ok("self-fuse", GOOD, "-o", tmp_path / "out", "--force", "-q")  # the link is replaced, not followed
     assert (tmp_path / "out").is_dir() and not (tmp_path / "out").is_symlink() and not (tmp_path / "missing").exists()
     assert not leftovers(tmp_path)
+
+
+def test_output_through_a_symlinked_directory(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    run_ok("self-fuse", GOOD, "-o", tmp_path / "link" / "out", "-q")
+    assert (tmp_path / "real" / "out" / "deepfuse.json").is_file() and not leftovers(tmp_path)
 
 
 def test_output_name_too_long(tmp_path):

@@ -18,6 +18,7 @@ from ..plan import DTYPES, FuseOptions, build_plan, check_copies, conversion_pre
 from ..rules import load_rules
 from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
+from ..untrusted import resolve, resolves_inside
 from .function_level import verify_function
 from .report import Check, Report
 from .tensor_level import verify_tensors
@@ -64,9 +65,12 @@ def read_manifest(fused: Path) -> Manifest | None:
 def check_integrity(fused: Path, manifest: Manifest) -> Check:
     files = manifest.files
     bad = []
+    root = resolve(fused)
     for name, digest in sorted(files.items()):
         p = fused / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or not p.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not resolves_inside(p, root):
+            bad.append(f"{name} is not a file of {fused}")
+        elif not p.is_file():
             bad.append(f"{name} is missing")
         elif sha256_file(p) != digest:
             bad.append(f"{name} was modified after the manifest was written (sha256 differs)")
