@@ -114,9 +114,10 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def _parse_size(raw: str, flag: str = "--max-shard-size") -> int:
     """'5GB' (decimal, as huggingface_hub counts), '4GiB' (binary) or a number of bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", raw.upper())
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+    size = int(float(m.group(1)) * _UNITS[m.group(2)]) if m and m.group(2) in _UNITS else 0
+    if size < 1:  # not a size, or less than one byte
         raise UsageError(f"{flag} {raw!r} is not a size", "e.g. 5GB, 500MB, 4GiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    return size
 
 
 def _options(n, weights, norm, noise_std, noise_scale, noise_mode, seed, dtype, max_shard_size, self_fusion,

@@ -260,6 +260,7 @@ def test_float8_next_to_float32_is_refused_or_cast(dtype, tmp_path):
     (["self-fuse", GOOD, "--times", "-3"], ["--times -3", ">= 2"]),
     (["plan", GOOD, "--times", str(10**30)], ["--times", "at most"]),
     (["fuse", GOOD, GOOD, "--weights", "1e308,1e308"], ["--weights", "overflows"]),
+    (["self-fuse", GOOD, "--max-shard-size", "0.0000001B"], ["--max-shard-size", "is not a size"]),
 ])
 def test_absurd_fuse_numbers_are_refused(args, contains, tmp_path):
     start = time.monotonic()

@@ -81,7 +81,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _kvstore_spec(item_dir: Path, path: str = "") -> dict[str, Any]:
-    base = {"driver": "file", "path": f"{Path(item_dir).resolve()}/"}  # not a URL: no percent-decoding
+    base = {"driver": "file", "path": f"{untrusted.resolve(item_dir)}/"}  # not a URL: no percent-decoding
     spec: dict[str, Any] = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
     if path:
         spec["path"] = path
@@ -167,7 +167,7 @@ def is_orbax_checkpoint(path: Path) -> bool:
 def _locate(path: Path, step: int | None) -> tuple[Path, str, str | None, int | None]:
     """(item dir, layout, item name, step from the directory name)."""
     if (path / METADATA).is_file():
-        return path, "item", None, _step_of_dir(path.resolve().parent)
+        return path, "item", None, _step_of_dir(untrusted.resolve(path).parent)
     items = _items_in(path)
     if items:
         if len(items) > 1:
