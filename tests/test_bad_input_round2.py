@@ -367,6 +367,16 @@ def test_orbax_database_linked_outside_is_refused(tmp_path, hashed):
     assert not [p for p in hashed if p.is_relative_to(elsewhere)]
 
 
+def test_t5x_checkpoint_file_linked_outside_is_refused(tmp_path, hashed):
+    src = copy_of(T5X, tmp_path)
+    msg = src / "checkpoint_1000" / "checkpoint"
+    shutil.move(msg, tmp_path / "elsewhere")
+    msg.symlink_to(tmp_path / "elsewhere")
+    refuse("self-fuse", src, "-o", tmp_path / "out", contains=["checkpoint_1000", "resolves outside"], watch=[src],
+           tmp=tmp_path)
+    assert not hashed
+
+
 def test_verify_hashes_only_the_sources_own_files(fused, tmp_path, hashed):
     out = copy_of(fused, tmp_path, "fused")
     secret = tmp_path / "secret"

@@ -479,6 +479,8 @@ def read_t5x(path: Path, step: int | None = None) -> Checkpoint:
                          "pass a T5X model directory or one of its checkpoint_<step> directories")
     step_dir, layout = _resolve_step_dir(path, step)
     msg_file = step_dir / MSGPACK_FILE
+    untrusted.require_inside(msg_file, untrusted.resolve(step_dir), where=str(step_dir), shown=MSGPACK_FILE,
+                             hint="a T5X checkpoint file must live inside its checkpoint directory; refusing to follow the link")
     tree = _parse_msgpack(msg_file)
     version = tree.get("version")
     if isinstance(version, _Inline):
