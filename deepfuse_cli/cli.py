@@ -18,9 +18,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.errors import ConsoleError
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import DeepfuseError, UsageError
@@ -58,14 +60,22 @@ app = typer.Typer(
 rules_app = typer.Typer(help="List, show and check fusion rule presets and rules files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Console markup is off: every string printed (titles and cells of tables too) is shown as it is, so
+# tensor names, paths and descriptions holding "[...]" can neither vanish nor crash the printing. Our
+# own styling is explicit (``styled``), with user text escaped into it.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
+
+
+def styled(template: str, *values: object) -> Text:
+    """Our own markup ``template`` with ``values`` (user text, escaped) put in its ``{}`` slots."""
+    return Text.from_markup(template.format(*(escape(str(v)) for v in values)))
 
 
 def _fail(exc: DeepfuseError) -> None:
-    err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, highlight=False)
+    err.print(styled("[bold red]error:[/] {}", exc.message), highlight=False)
     if exc.hint:
-        err.print(f"[yellow]hint:[/] {escape(exc.hint)}", markup=True, highlight=False)
+        err.print(styled("[yellow]hint:[/] {}", exc.hint), highlight=False)
     raise typer.Exit(exc.exit_code)
 
 
@@ -81,7 +91,7 @@ def command(fn):
                 raise
             _fail(exc)
         except KeyboardInterrupt as exc:
-            err.print("[red]interrupted[/]: nothing was written")
+            err.print(styled("[red]interrupted[/]: nothing was written"))
             raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
 
     return wrapper
@@ -198,13 +208,45 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
     start = time.perf_counter()
     if show:
         with Progress(TextColumn("[bold]fusing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
+                      TimeRemainingColumn(), TextColumn("{task.description}", markup=False), console=err,
+                      transient=True) as bar:
             task = bar.add_task("", total=plan.total_bytes)
-            result = write_plan(plan, output, force=force,
-                                progress=lambda e: bar.update(task, advance=e.nbytes, description=e.name))
+            result = write_plan(plan, output, force=force, progress=_never_fails(
+                lambda e: bar.update(task, advance=e.nbytes, description=e.name)))
     else:
         result = write_plan(plan, output, force=force)
     elapsed = time.perf_counter() - start
+    _never_fails(_say_written)(plan, result, elapsed, quiet, as_json)  # the output is complete whatever happens here
+    if verify:
+        from .verify import VerifyOptions, run_verify
+
+        report = run_verify(result.output, VerifyOptions())
+        report.write_json(result.output / "verify-report.json")
+        if not as_json:
+            _emit_verify(report, None, None, None, False)
+        elif not report.passed:
+            _emit_verify(report, None, None, None, True)
+
+
+#: what printing can raise: a closed or full stream, text the terminal's encoding cannot show, rich itself
+PRINT_ERRORS = (OSError, UnicodeError, ConsoleError)
+
+
+def _never_fails(show):
+    """``show`` (progress or a summary, printed while or after writing) with its printing errors ignored:
+    failing to tell about a write must not make the write fail or be reported as failed."""
+
+    @functools.wraps(show)
+    def wrapper(*args, **kwargs):
+        try:
+            show(*args, **kwargs)
+        except PRINT_ERRORS:
+            pass
+
+    return wrapper
+
+
+def _say_written(plan, result, elapsed: float, quiet: bool, as_json: bool) -> None:
     summary = {"output": str(result.output), "tensors": len(plan.entries), "bytes": result.total_bytes,
                "files": result.files, "seconds": round(elapsed, 3), "n": plan.n, "preset": plan.preset.name,
                "notes": plan.notes, "nonfinite": plan.nonfinite}
@@ -218,15 +260,6 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
         where = plan.output_adapter.summary(result.files)
         err.print(f"wrote {result.output}: {len(plan.entries)} tensors, {_human(result.total_bytes)} in {where} "
                   f"in {elapsed:.1f} s", highlight=False)
-    if verify:
-        from .verify import VerifyOptions, run_verify
-
-        report = run_verify(result.output, VerifyOptions())
-        report.write_json(result.output / "verify-report.json")
-        if not as_json:
-            _emit_verify(report, None, None, None, False)
-        elif not report.passed:
-            _emit_verify(report, None, None, None, True)
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -271,8 +304,9 @@ def self_fuse(
 
     Example: deepfuse self-fuse small/ --times 2 -o big/ --noise-scale 0.01 --noise-mode preserving
     """
-    if times < 2:
-        raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies")
+    from .plan import check_copies
+
+    check_copies(times)  # before anything is sized by it
     options = _fuse_options(times, locals(), self_fusion=True)
     _hash_ahead([source], output, dry_run)
     plan = _build([source], options, rules, step)
@@ -315,8 +349,11 @@ def plan_cmd(
     Example: deepfuse plan a/ b/ --json
     """
     if times is not None:
-        if len(sources) != 1 or times < 2:
-            raise UsageError("--times needs exactly one source and K >= 2")
+        from .plan import check_copies
+
+        if len(sources) != 1:
+            raise UsageError("--times needs exactly one source")
+        check_copies(times)
     elif len(sources) < 2:
         raise UsageError("plan needs two or more sources, or one with --times K")
     options = _fuse_options(times or len(sources), locals(), self_fusion=times is not None)
@@ -358,7 +395,7 @@ def inspect(
     for col in ("tensor", "shape", "dtype", "bytes", "rule", "op"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        rule = ", ".join(map(str, r["rules"])) if r["rules"] else ("[red]none[/]" if ruleset else "-")
+        rule = ", ".join(map(str, r["rules"])) if r["rules"] else (Text("none", style="red") if ruleset else "-")
         table.add_row(r["name"], "x".join(map(str, r["shape"])) or "scalar", r["dtype"], _human(r["bytes"]), rule,
                       r["op"] or "")
     out.print(table)
@@ -390,30 +427,49 @@ def verify(
     """
     from .verify import VerifyOptions, run_verify
 
+    for flag, path in (("--report", report), ("--markdown", markdown), ("--junit", junit)):
+        _check_report_path(flag, path)
     result = run_verify(fused, VerifyOptions.parse(sources=sources, times=times, rules=rules, probes=probes,
                                                    seq_len=seq_len, seed=seed, tol=tol, strict=strict,
                                                    integrity_only=integrity_only))
     _emit_verify(result, report, markdown, junit, as_json)
 
 
+def _check_report_path(flag: str, path: Path | None) -> None:
+    """A report file can be written (checked before verifying, so that a typo does not waste the run)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory", "name a file to write the report to")
+    if os.path.lexists(path) and not path.is_file():
+        raise UsageError(f"{flag} {path} is not a regular file (a dangling link or a device?)", "name a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist", "create it first, or name another file")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: cannot write there (permission denied or read-only)",
+                         "choose a writable location")
+
+
 def _emit_verify(result, report: Path | None, markdown: Path | None, junit: Path | None, as_json: bool) -> None:
     from .errors import VerificationFailed
 
-    if report:
-        result.write_json(report)
-    if markdown:
-        result.write_markdown(markdown)
-    if junit:
-        result.write_junit(junit)
+    for path, write in ((report, result.write_json), (markdown, result.write_markdown), (junit, result.write_junit)):
+        if path:
+            try:
+                write(path)
+            except OSError as exc:  # it changed since it was checked, or the disk is full
+                raise UsageError(f"writing {path} failed: {exc.strerror or exc}", "choose another location") from None
     if as_json:
         out.print_json(json.dumps(result.to_json(), default=str))
     else:
-        table = Table(title=f"deepfuse verify {result.fused}: {'[green]PASS[/]' if result.passed else '[red]FAIL[/]'}")
+        table = Table(title=styled("deepfuse verify {}: " + ("[green]PASS[/]" if result.passed else "[red]FAIL[/]"),
+                                   result.fused))
         for col in ("check", "status", "details"):
             table.add_column(col, overflow="fold")
         colours = {"pass": "green", "fail": "red", "expected": "yellow", "skip": "dim"}
         for c in result.checks:
-            table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", c.message)
+            table.add_row(c.name, Text(c.status, style=colours[c.status]), c.message)
         out.print(table)
     if not result.passed:
         bad = result.first_failure

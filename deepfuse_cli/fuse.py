@@ -10,6 +10,10 @@ directory is removed. Inputs are only ever read.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import functools
 import json
 import os
 import queue
@@ -31,9 +35,11 @@ from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME
 from .ir import Checkpoint
+from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
+from .untrusted import resolve
 
 Progress = Callable[[PlanEntry], None]
 
@@ -218,37 +224,54 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
     seen: dict[Path, str] = {}
     for ck in sources:
         files = {}
-        for f in ck.weight_files:
-            f = Path(f)
+        for name, f in ck.weight_file_names().items():
             if f not in seen:
                 seen[f] = sha256_file(f) if f.is_file() else ""
-            files[f.relative_to(ck.path).as_posix() if ck.path.is_dir() else str(f.resolve())] = seen[f]
-        out.append({"path": str(ck.path.resolve()), "format": ck.format, "step": ck.metadata.get("step"),
+            files[name] = seen[f]
+        out.append({"path": str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"),
                     "files": files})
     return out
 
 
+def _location(output: Path) -> Path:
+    """Where the output directory will be: the real path of its parent, plus its name. A symlink at
+    ``-o`` is itself replaced (with --force), never followed."""
+    return resolve(output.parent, error=UsageError) / output.name
+
+
+def _temp_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.deepfuse-tmp-{os.getpid()}"
+
+
 def check_output_path(output: Path, sources: list[Checkpoint], force: bool) -> None:
-    out = output.resolve()
+    out = _location(output)
     for ck in sources:
-        src = ck.path.resolve()
+        src = resolve(ck.path)
         if out == src or (src.is_dir() and src in out.parents) or (out in src.parents):
             raise UsageError(f"output {output} overlaps input {ck.path}",
                              "write the fused checkpoint somewhere outside its inputs")
-    if output.exists() and not force:
-        raise UsageError(f"output {output} already exists", "pass --force to replace it, or choose another path")
-    parent = out.parent
-    while not parent.exists():  # missing parents are created at write time (and removed on failure)
-        parent = parent.parent
+    if os.path.lexists(output) and not force:
+        what = f" (a symlink to {os.readlink(output)})" if output.is_symlink() else ""
+        raise UsageError(f"output {output} already exists{what}", "pass --force to replace it, or choose another path")
+    parent = _existing_ancestor(out.parent)
     if not parent.is_dir():
         raise UsageError(f"cannot create {output}: {parent} is not a directory", "choose another output path")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent} (permission denied or read-only)", "choose a writable location")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    # the temporary directory's name is the longest this run creates there, beside any missing parent
+    longest = max(len(os.fsencode(name)) for name in [*out.relative_to(parent).parts[:-1], _temp_path(out).name])
+    if longest > name_max:
+        raise UsageError(f"output {output}: name too long for the filesystem at {parent} ({longest} bytes with the "
+                         f"temporary suffix, at most {name_max})", "choose a shorter output name")
 
 
 def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
+    path = resolve(path, error=UsageError)
+    while not os.path.exists(path):  # False for a name too long, too
         path = path.parent
     return path
 
@@ -256,13 +279,59 @@ def _existing_ancestor(path: Path) -> Path:
 def _make_parents(output: Path) -> list[Path]:
     """Create the output's missing parent directories; return them, deepest first."""
     created = []
-    p = output.resolve().parent
-    while not p.exists():
+    p = _location(output).parent
+    while not os.path.exists(p):
         created.append(p)
         p = p.parent
     for d in reversed(created):
         d.mkdir()
     return created
+
+
+def _flock(fd: int, wait: bool = True) -> bool | None:
+    """An exclusive ``flock`` on ``fd``: True when taken, False when another process holds it (only
+    without ``wait``), None where the filesystem has no such locks. It dies with the process."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+
+
+@contextmanager
+def _locked(directory: Path, *, wait: bool = True, follow: bool = True):
+    """``_flock`` on ``directory`` while the block runs (yields what it returned)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW))
+    try:
+        yield _flock(fd, wait)
+    finally:
+        os.close(fd)
+
+
+def _make_temp(output: Path) -> tuple[Path, int]:
+    """Create this run's temporary directory beside ``output`` and lock it for the run's lifetime (the
+    returned descriptor holds the lock); first remove temporary directories of earlier runs to the
+    same output that died (SIGKILL, power loss): a directory whose lock can be taken has no live owner.
+    Both happen under a lock on the parent, so a live run's directory is never seen unlocked."""
+    tmp = _temp_path(output)
+    prefix = tmp.name[:-len(str(os.getpid()))]
+    with _locked(output.parent):
+        for p in output.parent.iterdir():
+            if p.name.startswith(prefix) and p.name[len(prefix):].isdecimal() and p.is_dir() and not p.is_symlink():
+                try:
+                    with _locked(p, wait=False, follow=False) as mine:
+                        if mine is True:
+                            shutil.rmtree(p, ignore_errors=True)
+                except OSError:  # gone meanwhile, or not ours to open: left alone
+                    pass
+        tmp.mkdir()
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        _flock(fd)
+    return tmp, fd
 
 
 def check_free_space(plan: Plan, output: Path) -> None:
@@ -306,12 +375,12 @@ class FuseResult:
     output: Path
     files: dict[str, str]  # relative name -> sha256
     total_bytes: int
-    manifest: dict
+    manifest: Manifest
 
 
-def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) -> dict:
+def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) -> Manifest:
     o = plan.options
-    return {
+    return Manifest.model_validate({
         "deepfuse_version": __version__,
         "kind": "conversion" if o.convert_only else ("self-fusion" if o.self_fusion else "fusion"),
         "output_format": plan.output_format,
@@ -332,7 +401,7 @@ def build_manifest(plan: Plan, files: dict[str, str], sources_info: list[dict]) 
         "plan_digest": plan.digest(),
         "nonfinite": plan.nonfinite,
         "files": files,
-    }
+    })
 
 
 def make_writer(plan: Plan, directory: Path, outputs: list[OutputTensor]):
@@ -357,9 +426,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
     check_output_path(output, plan.sources, force)
     check_free_space(plan, output)
     created = _make_parents(output)
-    tmp = output.parent / f".{output.name}.deepfuse-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp, tmp_lock = None, None
     conversion = plan.conversion
     outputs = conversion.outputs(plan.entries)
     if plan.state is not None:
@@ -367,7 +434,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
     with _signals_raise(), ThreadPoolExecutor(max_workers=1) as pool:
         digest_job = pool.submit(source_digests, plan.sources)
         try:
-            tmp.mkdir()
+            tmp, tmp_lock = _make_temp(output)
             writer = make_writer(plan, tmp, outputs)
             # Every tensor comes as row blocks, computed on a worker thread ahead of the writer (which
             # hashes on a thread of its own): writers that stream write the blocks as they come, the others
@@ -405,11 +472,12 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             files = dict(writer.digests)
             _write_output_config(plan, tmp, files)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
-            write_file(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+            write_file(tmp / MANIFEST_NAME, manifest.dumps().encode())
             fsync_path(tmp)
-            _replace(tmp, output)
+            _replace(tmp, output, force)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             for d in created:
                 try:
                     d.rmdir()
@@ -420,23 +488,63 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
                 raise UsageError(f"writing {output} failed: {exc.strerror or exc}{where}; nothing was written",
                                  "free space (or fix permissions) at the destination and retry") from None
             raise
-    return FuseResult(output=output, files=manifest["files"], total_bytes=plan.total_bytes, manifest=manifest)
+        finally:
+            if tmp_lock is not None:
+                os.close(tmp_lock)
+    return FuseResult(output=output, files=manifest.files, total_bytes=plan.total_bytes, manifest=manifest)
 
 
-def _replace(tmp: Path, output: Path) -> None:
-    """Rename ``tmp`` to ``output``; an existing output is moved aside first and removed after."""
-    if output.exists() or output.is_symlink():
-        old = output.parent / f".{output.name}.deepfuse-old-{os.getpid()}"
-        os.rename(output, old)
-        try:
-            os.rename(tmp, output)
-        except BaseException:
-            os.rename(old, output)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
+def _replace(tmp: Path, output: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``output``. An existing output (``force``) is moved aside first and removed
+    after. Nothing that appeared at ``output`` since the run began is ever replaced without ``force``:
+    the check and the rename happen under a lock on the parent that every run takes, and the rename
+    itself refuses to replace where the system can say so."""
+    appeared = UsageError(f"output {output} appeared while this run was writing (another run?); nothing was "
+                          "replaced and nothing was written", "pass --force to replace it, or choose another path")
+    with _locked(output.parent):
+        if os.path.lexists(output):
+            if not force:
+                raise appeared
+            old = output.parent / f".{output.name}.deepfuse-old-{os.getpid()}"
+            os.rename(output, old)
+            try:
+                _rename_noreplace(tmp, output)
+            except BaseException:
+                os.rename(old, output)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
-            old.unlink(missing_ok=True)
-    else:
-        os.rename(tmp, output)
+            try:
+                _rename_noreplace(tmp, output)
+            except FileExistsError:  # not a deepfuse run: something else created it
+                raise appeared from None
     fsync_path(output.parent)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename`` that fails (FileExistsError) rather than replace ``dst``: Linux's renameat2 with
+    RENAME_NOREPLACE; elsewhere (or where the filesystem lacks it) a plain rename, which the caller's
+    lock protects from other runs."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(dst))
+    os.rename(src, dst)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None

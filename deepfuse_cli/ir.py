@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .untrusted import resolve
+
 
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -72,3 +74,10 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def weight_file_names(self) -> dict[str, Path]:
+        """Each weight file under the name a manifest records it by: relative to a directory
+        checkpoint, or the real path of a single-file one."""
+        if self.path.is_dir():
+            return {Path(f).relative_to(self.path).as_posix(): Path(f) for f in self.weight_files}
+        return {str(resolve(Path(f))): Path(f) for f in self.weight_files}

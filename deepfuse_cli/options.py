@@ -246,4 +246,6 @@ def _normalise(raw: Any, n: int) -> tuple[tuple[float, ...], bool]:
     for w in raw:
         _check_weight(w)
     total = sum(raw)
+    if total == float("inf"):
+        raise OptionError("the sum overflows", field="weights", hint="use weights of a sensible size, e.g. 1,3")
     return tuple(w / total for w in raw), abs(total - 1.0) > 1e-9

@@ -35,6 +35,18 @@ MIN_NOISE_AHEAD = 8 * 2**20  # below this, noise on the second core stops paying
 STREAM_BUFFERS = 64 * 2**20  # streaming writes: staging buffers, noise pieces, queues
 
 
+#: the most copies a self-fusion makes: far wider than any useful model, and small enough that the
+#: per-source lists of a plan stay small (a huge K is refused before anything is built for it)
+MAX_COPIES = 1024
+
+
+def check_copies(times: int) -> None:
+    """Refuse a self-fusion ``--times`` outside 2..MAX_COPIES."""
+    if not 2 <= times <= MAX_COPIES:
+        raise UsageError(f"--times {times}: self-fusion needs K >= 2 copies (at most {MAX_COPIES})",
+                         "choose the number of copies K, e.g. --times 2")
+
+
 @dataclass
 class PlanEntry:
     name: str
@@ -349,8 +361,9 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         raise UsageError(f"{len(options.weights)} weights for {n} sources")
     preset = resolve_preset(sources, rules)
     if options.convert_only:
-        preset = preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
-                                                                     for r in preset.rules]})
+        if n != 1:
+            raise UsageError("a conversion takes exactly one source")
+        preset = conversion_preset(preset)
     family = family_of(preset)
     configs = source_configs(sources, family)
     check_configs(sources, family, configs)
@@ -409,7 +422,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 if r.shape[ax] % rule.parts:
                     raise InputError(f"{_origin(sources[m], m)}: tensor {name!r} axis {ax} ({r.shape[ax]}) "
                                      f"does not split into {rule.parts} equal parts")
-        dtype = options.dtype or _promote([r.dtype for r in refs])
+        dtype = options.dtype or _promote(name, refs)
         if not (dtype.is_floating_point or rule.op == "passthrough_identical"):
             raise InputError(f"tensor {name!r} has dtype {dtype}, which cannot be fused",
                              "only floating-point parameters can be fused")
@@ -467,10 +480,22 @@ def natural_key(name: str) -> list:
     return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
 
 
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
+def conversion_preset(preset: Preset) -> Preset:
+    """The form of ``preset`` a conversion runs with: no output averaging, every rule optional."""
+    return preset.model_copy(update={"output": None, "rules": [r.model_copy(update={"optional": True})
+                                                               for r in preset.rules]})
+
+
+def _promote(name: str, refs: list[TensorRef]) -> torch.dtype:
+    """The dtype the sources of tensor ``name`` fuse in (the widest of theirs)."""
+    out = refs[0].dtype
+    for r in refs[1:]:
+        try:
+            out = torch.promote_types(out, r.dtype)
+        except RuntimeError:  # torch defines no promotion for float8 types
+            raise InputError(f"tensor {name!r} is {str(refs[0].dtype).removeprefix('torch.')} in {refs[0].source} but "
+                             f"{str(r.dtype).removeprefix('torch.')} in {r.source}: these dtypes do not mix",
+                             "cast every source to one dtype with --dtype float32 (or bfloat16, float16)") from None
     return out
 
 

@@ -61,6 +61,8 @@ def test_a_failed_prefetch_is_retried_and_reports_its_own_error(tmp_path, monkey
 
 
 def test_likely_weight_files(tmp_path):
+    """Only files the checkpoint references: its index's shards, else its single weights file; never
+    files found by globbing (an unlisted shard, a link to a file elsewhere)."""
     d = tmp_path / "m"
     d.mkdir()
     assert likely_weight_files(d) == []
@@ -68,10 +70,21 @@ def test_likely_weight_files(tmp_path):
     assert likely_weight_files(d) == [d / "pytorch_model.bin"]
     for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "other.safetensors"):
         (d / name).write_bytes(b"")
-    assert [p.name for p in likely_weight_files(d)] == ["model-00001-of-00002.safetensors",
-                                                       "model-00002-of-00002.safetensors"]
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    (d / "model-00003-of-00002.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    assert likely_weight_files(d) == [d / "pytorch_model.bin"]  # no index: the reader takes pytorch_model.bin
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "b": "model-00002-of-00002.safetensors", "a": "model-00001-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors"}}))
+    assert [p.name for p in likely_weight_files(d)] == ["model-00002-of-00002.safetensors",
+                                                       "model-00001-of-00002.safetensors"]
     assert likely_weight_files(d / "other.safetensors") == [d / "other.safetensors"]
     assert likely_weight_files(tmp_path / "config.json") == []
+    for bad in ({"weight_map": {"a": "../elsewhere.safetensors"}}, {"weight_map": {"a": str(tmp_path / "x")}}, [1]):
+        (d / "model.safetensors.index.json").write_text(json.dumps(bad))
+        assert likely_weight_files(d) == []  # nothing outside the directory: the reader reports the index
+    (d / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert likely_weight_files(d) == []
 
 
 def test_manifest_digests_match_the_sources(hf_fixtures, tmp_path):

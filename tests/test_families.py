@@ -184,14 +184,14 @@ def test_a_new_family_is_one_file_and_verify_runs_its_function_check(tmp_path):
     path = tmp_path / "my-llama.json"
     path.write_text(json.dumps(rules))
     cli("self-fuse", FIXTURES / "hf" / "llama-a", "--times", 2, "--rules", path, "-o", tmp_path / "out", "-q")
-    out = cli("verify", tmp_path / "out", "--json")
+    out = cli("verify", tmp_path / "out", "--rules", path, "--json")  # rules files are not taken from manifests
     checks = {c["name"]: c["status"] for c in json.loads(out)["checks"]}
     assert checks.get("function: logits vs source") == "pass", checks
     # without a runtime the report says the function check was skipped
     rules["runtime"] = None
     path.write_text(json.dumps(rules))
     cli("self-fuse", FIXTURES / "hf" / "llama-a", "--times", 2, "--rules", path, "-o", tmp_path / "out2", "-q")
-    report = json.loads(cli("verify", tmp_path / "out2", "--json"))
+    report = json.loads(cli("verify", tmp_path / "out2", "--rules", path, "--json"))
     assert any(c["name"] == "function" and c["status"] == "skip" for c in report["checks"])
 
 

@@ -7,6 +7,8 @@ headers, zarr ``.zarray`` files and Orbax metadata write them.
 
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -59,3 +61,26 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+# Checks made before any array is handed to tensorstore: it aborts the whole process (std::bad_alloc)
+# when an allocation fails, so sizes read from a checkpoint must be plausible before it sees them.
+def check_chunk_shape(shape: tuple[int, ...], chunks: tuple[int, ...], where: str, hint: str) -> None:
+    """zarr ``chunks`` that fit their array (one chunk is what tensorstore allocates at once: a chunk
+    larger than the array only comes from a damaged or crafted file)."""
+    if len(chunks) != len(shape) or not all(1 <= c <= max(s, 1) for s, c in zip(shape, chunks)):
+        raise InputError(f"{where}: zarr chunk shape {list(chunks)} does not fit the array shape {list(shape)}", hint)
+
+
+def check_fits_memory(shape: tuple[int, ...], itemsize: int, where: str) -> None:
+    """An array about to be read whole must fit this machine's memory."""
+    nbytes = itemsize
+    for s in shape:
+        nbytes *= s
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return
+    if nbytes > ram:
+        raise InputError(f"{where}: the array claims shape {list(shape)} ({nbytes} bytes), more than this machine's "
+                         f"memory ({ram} bytes)", "the checkpoint's metadata is damaged, or read it on a larger machine")

@@ -22,9 +22,10 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
+from ..untrusted import read_json
 from .base import CheckpointWriter, OutputTensor
 from .files import write_file
-from .hf_layout import BIN_INDEX, BIN_SINGLE, CONFIG, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES
+from .hf_layout import BIN_INDEX, BIN_SINGLE, CONFIG, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES, is_shard_name
 from .safetensors_io import SafetensorsFileWriter, read_safetensors_header
 from .torch_io import read_torch_file
 
@@ -40,18 +41,9 @@ def _read_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}", "re-save or re-download it") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object", "re-save or re-download it")
-    return data
+    return read_json(path, hint="re-save or re-download it")
 
 
-#: config.json fields that are sizes or counts wherever a transformers config has them
 def _check_config(path: Path) -> dict[str, Any]:
     """config.json: a JSON object (its fields are the family's to check)."""
     return _read_json(path)
@@ -65,7 +57,7 @@ def _read_index(directory: Path, index_path: Path) -> tuple[dict[str, TensorRef]
         raise InputError(f"{index_path}: no 'weight_map' in the index", "re-save the model with save_pretrained")
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+        if not is_shard_name(shard):
             raise InputError(f"{index_path}: tensor {name!r} maps to an invalid shard name {shard!r}",
                              "shards must be files in the model's own directory; re-save the model")
         shards.setdefault(shard, []).append(name)

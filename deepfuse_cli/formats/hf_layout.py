@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import untrusted
+from ..errors import DeepfuseError
+
 CONFIG = "config.json"
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -13,17 +16,29 @@ BIN_SINGLE = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def is_shard_name(name: object) -> bool:
+    """Whether an index's shard entry names a file of the model's own directory (no path, no '..')."""
+    return isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", "..")
+
+
 def likely_weight_files(path: Path) -> list[Path]:
-    """The weight files a run over ``path`` will most likely read, found from names alone (nothing is
-    opened): the file itself, or a directory's ``model*.safetensors`` (else ``pytorch_model*.bin``).
-    Only a guess, used to start hashing early; the reader decides what is read."""
+    """The weight files a run over ``path`` will read, found as the reader finds them but without
+    opening any weight file: the file itself, or the shards a directory's index lists (else its
+    ``model.safetensors`` / ``pytorch_model.bin``). Nothing the checkpoint does not reference is named:
+    no globbing, no shard outside the directory. Used to start hashing early; on any doubt (an
+    unreadable index) it names nothing and leaves the reader to report."""
     path = Path(path)
     if path.is_file():
         return [path] if path.suffix in WEIGHT_SUFFIXES else []
     if not path.is_dir():
         return []
-    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
-        found = sorted(p for p in path.glob(pattern) if p.is_file())
-        if found:
-            return found
-    return []
+    for index in (SAFE_INDEX, BIN_INDEX):
+        if (path / index).is_file():
+            try:
+                weight_map = untrusted.read_json(path / index).get("weight_map")
+            except DeepfuseError:
+                return []
+            if not isinstance(weight_map, dict) or not all(map(is_shard_name, weight_map.values())):
+                return []
+            return [path / shard for shard in dict.fromkeys(weight_map.values()) if (path / shard).is_file()]
+    return [path / single for single in (SAFE_SINGLE, BIN_SINGLE) if (path / single).is_file()][:1]

@@ -43,9 +43,11 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from .. import untrusted
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
-from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
+from .arrays import (NUMPY_TO_TORCH, TORCH_TO_NUMPY, check_chunk_shape, check_fits_memory, numpy_dtype, to_numpy,
+                     to_torch, torch_dtype)
 from .base import CheckpointWriter, OutputTensor
 from .files import fsync_path, write_file
 from .staged_file import StagedFile
@@ -79,7 +81,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _kvstore_spec(item_dir: Path, path: str = "") -> dict[str, Any]:
-    base = {"driver": "file", "path": f"{Path(item_dir).resolve()}/"}  # not a URL: no percent-decoding
+    base = {"driver": "file", "path": f"{untrusted.resolve(item_dir)}/"}  # not a URL: no percent-decoding
     spec: dict[str, Any] = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
     if path:
         spec["path"] = path
@@ -93,6 +95,21 @@ def _dtype_from_zarr(meta: dict[str, Any], zarr_format: int) -> np.dtype:
     if name == "bfloat16":
         return numpy_dtype(name)
     return np.dtype(name).newbyteorder("=")  # tensorstore returns native byte order
+
+
+def _chunk_shapes(meta: dict[str, Any], zarr_format: int) -> list[tuple[int, ...]]:
+    """Every chunk shape zarr metadata declares: zarr 2 ``chunks``; zarr 3 the chunk grid's and, for
+    sharded arrays, the inner chunks of each ``sharding_indexed`` codec."""
+    if zarr_format == 2:
+        return [tuple(int(c) for c in meta["chunks"])]
+    found = [tuple(int(c) for c in meta["chunk_grid"]["configuration"]["chunk_shape"])]
+    codecs = list(meta.get("codecs") or [])
+    while codecs:
+        codec = codecs.pop()
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            found.append(tuple(int(c) for c in codec["configuration"]["chunk_shape"]))
+            codecs += list(codec["configuration"].get("codecs") or [])
+    return found
 
 
 def _zarr2_dtype(dtype: np.dtype) -> str:
@@ -150,7 +167,7 @@ def is_orbax_checkpoint(path: Path) -> bool:
 def _locate(path: Path, step: int | None) -> tuple[Path, str, str | None, int | None]:
     """(item dir, layout, item name, step from the directory name)."""
     if (path / METADATA).is_file():
-        return path, "item", None, _step_of_dir(path.resolve().parent)
+        return path, "item", None, _step_of_dir(untrusted.resolve(path).parent)
     items = _items_in(path)
     if items:
         if len(items) > 1:
@@ -176,13 +193,8 @@ def _locate(path: Path, step: int | None) -> tuple[Path, str, str | None, int | 
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read {what} ({_one_line(exc)})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}",
-                         "the checkpoint is damaged; re-save it with orbax-checkpoint") from None
+    return untrusted.read_json(path, what=what, hint="the checkpoint is damaged; re-save it with orbax-checkpoint",
+                               expect=None)
 
 
 def _parse_tree_metadata(meta_path: Path, data: Any) -> list[tuple[list[tuple[str, int]], dict[str, Any]]]:
@@ -226,6 +238,7 @@ class _Database:
                              "the checkpoint is damaged or incomplete; re-copy or re-save it") from None
 
     def read_array(self, storage: str, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        check_fits_memory(shape, dtype.itemsize, f"{self.item_dir}: array {name!r}")
         spec = {"driver": self.driver, "kvstore": _kvstore_spec(self.item_dir, storage + "/")}
         try:
             store = ts.open(spec, open=True, read=True, context=self.context).result()
@@ -246,6 +259,8 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
         raise InputError(f"{path}: not an Orbax checkpoint directory")
     item_dir, layout, item, dir_step = _locate(path, step)
     meta_path = item_dir / METADATA
+    root = untrusted.resolve(item_dir)
+    _require_inside(meta_path, item_dir, root)
     meta = _read_json(meta_path, "the Orbax metadata")
     leaves = _parse_tree_metadata(meta_path, meta)
     if meta.get("use_ocdbt", True) is False:
@@ -255,6 +270,7 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
         raise InputError(f"{item_dir}: no {MANIFEST} next to {METADATA} (the OCDBT database is missing)",
                          "the checkpoint is incomplete; re-copy or re-save it")
     zarr_format = 3 if meta.get("use_zarr3") else 2
+    database = _database_files(item_dir, root)  # checked before tensorstore opens any of them
     db = _Database(item_dir, zarr_format)
 
     names: list[str] = []
@@ -285,12 +301,17 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
             raise InputError(f"{item_dir}: array {n!r} is listed in {METADATA} but missing from the OCDBT database",
                              "the checkpoint is incomplete (interrupted save?); re-save it")
         try:
-            zmeta = json.loads(bytes(r.value))
+            zmeta = untrusted.loads(bytes(r.value))
             shape = tuple(int(s) for s in zmeta["shape"])
             dtype = _dtype_from_zarr(zmeta, zarr_format)
-        except (ValueError, KeyError, TypeError) as exc:
+            chunk_shapes = _chunk_shapes(zmeta, zarr_format)
+            if any(s < 0 for s in shape):
+                raise ValueError(f"negative shape {list(shape)}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{item_dir}: invalid zarr metadata for array {n!r} ({_one_line(exc)})",
                              "the checkpoint is damaged; re-save it") from None
+        for chunks in chunk_shapes:
+            check_chunk_shape(shape, chunks, f"{item_dir}: array {n!r}", "the checkpoint is damaged; re-save it")
         arrays[n] = (shape, dtype)
 
     files: list[Path] = [meta_path]
@@ -302,6 +323,7 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
             other[n] = EMPTY_TYPES[vt]
         elif vt == "string":
             if strings is None:
+                _require_inside(item_dir / STRINGS, item_dir, root)
                 strings = _read_json(item_dir / STRINGS, "the string leaves")
                 files.append(item_dir / STRINGS)
                 if not isinstance(strings, dict):
@@ -356,14 +378,16 @@ def read_orbax(path: Path, step: int | None = None) -> Checkpoint:
 
     sharding = None
     if (item_dir / SHARDING).is_file():
+        _require_inside(item_dir / SHARDING, item_dir, root)
         sharding = _read_sharding(item_dir / SHARDING, {st: n for n, st in storage.items()})
         files.append(item_dir / SHARDING)
-    files += _database_files(item_dir)
+    files += database
     step_meta_dir = item_dir.parent if layout in ("step", "root") else item_dir
     checkpoint_metadata = None
-    if (step_meta_dir / CHECKPOINT_METADATA).is_file():
+    step_meta = step_meta_dir / CHECKPOINT_METADATA
+    if step_meta.is_file() and untrusted.resolves_inside(step_meta, untrusted.resolve(step_meta_dir)):
         try:
-            checkpoint_metadata = json.loads((step_meta_dir / CHECKPOINT_METADATA).read_text(encoding="utf-8"))
+            checkpoint_metadata = untrusted.loads(step_meta.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             checkpoint_metadata = None  # informational only; never needed to read the arrays
     metadata = {
@@ -399,13 +423,30 @@ def _read_sharding(path: Path, names: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _database_files(item_dir: Path) -> list[Path]:
-    """The OCDBT database: the root manifest, its data files and the per-process databases it references."""
+def _database_files(item_dir: Path, root: Path) -> list[Path]:
+    """The OCDBT database: the root manifest, its data files and the per-process databases it references.
+    Every one of them, and every directory on the way, must stay inside the item directory (``root``,
+    resolved): a ``d/`` linked elsewhere is refused, as the T5X reader refuses an array directory that
+    is, rather than read (and hashed) outside the checkpoint."""
     files = [item_dir / MANIFEST]
+    _require_inside(files[0], item_dir, root)
     for sub in sorted(item_dir.iterdir()):
-        if sub.is_dir() and (sub.name == "d" or sub.name.startswith("ocdbt.process_")):
-            files += sorted(p for p in sub.rglob("*") if p.is_file())
+        if sub.name == "d" or sub.name.startswith("ocdbt.process_"):
+            _require_inside(sub, item_dir, root)
+            if not sub.is_dir():
+                continue
+            found = []
+            for top, dirs, names in os.walk(sub):  # links are not followed, but each one is checked
+                for entry in dirs + names:
+                    _require_inside(Path(top) / entry, item_dir, root)
+                found += [Path(top) / f for f in names if (Path(top) / f).is_file()]
+            files += sorted(found)
     return files
+
+
+def _require_inside(path: Path, item_dir: Path, root: Path) -> None:
+    untrusted.require_inside(path, root, where=str(item_dir), shown=os.path.relpath(path, item_dir),
+                             hint="an Orbax checkpoint's files must live inside its directory; refusing to follow the link")
 
 
 # ----------------------------------------------------------------------------------------------

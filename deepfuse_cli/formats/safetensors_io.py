@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import InputError
+from .. import untrusted
 from ..ir import TensorRef, dtype_size
 from .base import OutputTensor, as_bytes
 from .staged_file import StagedFile
@@ -80,11 +81,9 @@ def validate_header(raw: bytes, data_len: int) -> dict[str, dict]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"header is not valid UTF-8 (byte {exc.start})") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except json.JSONDecodeError as exc:
+        header = untrusted.loads(text, object_pairs_hook=_no_duplicates)
+    except untrusted.InvalidJSON as exc:
         raise ValueError(f"header is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ValueError("header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
     meta = header.get("__metadata__", {})

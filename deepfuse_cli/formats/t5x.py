@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
@@ -44,9 +43,11 @@ import numpy as np
 import tensorstore as ts
 import torch
 
+from .. import untrusted
 from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
-from .arrays import NUMPY_TO_TORCH, TORCH_TO_NUMPY, numpy_dtype, to_numpy, to_torch, torch_dtype
+from .arrays import (NUMPY_TO_TORCH, TORCH_TO_NUMPY, check_chunk_shape, check_fits_memory, numpy_dtype, to_numpy,
+                     to_torch, torch_dtype)
 from .base import CheckpointWriter, OutputTensor, as_bytes
 from .files import fsync_path, sha256_file, write_file
 
@@ -331,6 +332,7 @@ class _ZarrArray:
 
     def load(self) -> torch.Tensor:
         self.check_files()
+        check_fits_memory(self.shape, self.dtype.itemsize, f"{self.msg_file}: array {self.name!r} in {self.rel}/")
         try:
             store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.directory) + "/"}},
                             open=True, read=True).result()
@@ -356,6 +358,9 @@ def _torch(arr: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return to_torch(arr).reshape(shape)
 
 
+_INSIDE_HINT = "a T5X array must live inside its checkpoint directory; refusing to follow the link"
+
+
 def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: int) -> _ZarrArray:
     where = f"{msg_file}: array {name!r}"
     if spec.get("driver") != "zarr":
@@ -364,14 +369,10 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
     parts = _spec_rel_parts(spec, msg_file, name)
     rel = "/".join(parts)
     directory = step_dir.joinpath(*parts)
-    try:
-        inside = directory.resolve().is_relative_to(step_dir.resolve())
-    except OSError:
-        inside = False
-    if not inside:
-        raise InputError(f"{where}: {rel}/ resolves outside the checkpoint directory",
-                         "a T5X array must live inside its checkpoint directory; refusing to follow the link")
+    root = untrusted.resolve(step_dir)
+    untrusted.require_inside(directory, root, where=where, shown=f"{rel}/", hint=_INSIDE_HINT)
     zarray = directory / ".zarray"
+    untrusted.require_inside(zarray, root, where=where, shown=f"{rel}/.zarray", hint=_INSIDE_HINT)  # before reading
     try:
         found = zarray.is_file()
     except OSError as exc:  # e.g. a name too long
@@ -380,23 +381,20 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
         what = "array directory" if not directory.is_dir() else "zarr metadata"
         raise InputError(f"{where} is missing on disk ({what} {rel}/{'' if what.startswith('array') else '.zarray'} "
                          "not found)", _COPY_HINT)
-    root = step_dir.resolve()
-    if not zarray.resolve().is_relative_to(root):  # checked before it is read
-        raise InputError(f"{where}: {rel}/.zarray resolves outside the checkpoint directory",
-                         "a T5X array must live inside its checkpoint directory; refusing to follow the link")
     try:
-        meta = json.loads(zarray.read_text(encoding="utf-8"))
+        meta = untrusted.loads(zarray.read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])
         chunks = tuple(int(c) for c in meta["chunks"])
         dtype = _zarr_dtype(meta["dtype"], where)
         sep = meta.get("dimension_separator") or "."
         compressor = meta.get("compressor")
-        if len(chunks) != len(shape) or any(c < 1 for c in chunks) or sep not in (".", "/"):
-            raise ValueError("inconsistent shape/chunks")
+        if any(s < 0 for s in shape) or sep not in (".", "/"):
+            raise ValueError("negative shape or unknown dimension_separator")
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{where}: invalid zarr metadata in {rel}/.zarray ({_one_line(exc)})", _COPY_HINT) from None
+    check_chunk_shape(shape, chunks, f"{where}: {rel}/.zarray", _COPY_HINT)
     spec_dtype = spec.get("dtype")
     if spec_dtype == "uint16" and version < 3:
         raise InputError(f"{where}: version-2 checkpoint stores bfloat16 as uint16",
@@ -415,10 +413,8 @@ def _open_spec(spec: dict, step_dir: Path, msg_file: Path, name: str, version: i
         raise InputError(f"{where} is missing on disk (file {key!r} of {rel}/ not found)", _COPY_HINT)
     files = [zarray] + [directory / key for key in _chunk_keys(shape, chunks, sep)]
     for f in files:  # the chunk itself or a directory on its way ('/' separator) may be a link out
-        if not f.resolve().is_relative_to(root):
-            raise InputError(f"{where}: {rel}/{f.relative_to(directory).as_posix()} resolves outside the checkpoint "
-                             "directory",
-                             "a T5X array must live inside its checkpoint directory; refusing to follow the link")
+        untrusted.require_inside(f, root, where=where, shown=f"{rel}/{f.relative_to(directory).as_posix()}",
+                                 hint=_INSIDE_HINT)
     arr = _ZarrArray(name, directory, rel, shape, dtype, compressor, files, msg_file)
     arr.check_files()
     return arr
@@ -483,6 +479,8 @@ def read_t5x(path: Path, step: int | None = None) -> Checkpoint:
                          "pass a T5X model directory or one of its checkpoint_<step> directories")
     step_dir, layout = _resolve_step_dir(path, step)
     msg_file = step_dir / MSGPACK_FILE
+    untrusted.require_inside(msg_file, untrusted.resolve(step_dir), where=str(step_dir), shown=MSGPACK_FILE,
+                             hint="a T5X checkpoint file must live inside its checkpoint directory; refusing to follow the link")
     tree = _parse_msgpack(msg_file)
     version = tree.get("version")
     if isinstance(version, _Inline):

@@ -42,6 +42,25 @@ def _flatten(obj, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_plain(t: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse tensors that are not plain dense arrays of numbers in memory: the rest of the program reads
+    every tensor as a strided block of its dtype."""
+    hint = "save the plain dense weights (e.g. convert the checkpoint to safetensors)"
+    why = None
+    if t.device.type == "meta":
+        why, hint = "is on the meta device: it has a shape but no data", "save the model after loading its weights"
+    elif t.is_nested:
+        why = "is a nested tensor"
+    elif t.layout != torch.strided:
+        why, hint = f"is a sparse tensor ({str(t.layout).removeprefix('torch.')})", "save it dense (tensor.to_dense())"
+    elif t.is_quantized:
+        why, hint = f"is a quantized tensor ({str(t.dtype).removeprefix('torch.')})", "dequantize it before saving"
+    elif t.device.type != "cpu":
+        why = f"is on device {t.device.type}, not in memory"
+    if why:
+        raise InputError(f"{path}: tensor {name!r} {why}", hint)
+
+
 def read_torch_file(path: Path) -> dict[str, TensorRef]:
     path = Path(path)
     try:
@@ -75,6 +94,7 @@ def read_torch_file(path: Path) -> dict[str, TensorRef]:
     tensors = _flatten(obj, path)
     refs: dict[str, TensorRef] = {}
     for name, t in tensors.items():
+        _check_plain(t, name, path)
         refs[name] = TensorRef(
             name=name, shape=tuple(t.shape), dtype=t.dtype, loader=(lambda t=t: t), source=str(path)
         )

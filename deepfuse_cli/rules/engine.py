@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -17,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import RuleError
+from ..untrusted import parse_json, validation_summary
 from .schema import Preset, Rule
 
 PRESET_PACKAGE = "deepfuse_cli.rules.presets"
@@ -27,23 +29,14 @@ def list_presets() -> list[str]:
     return sorted(f.name[:-5] for f in files if f.name.endswith(".json"))
 
 
-def _format_validation(origin: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-    msg = err["msg"].removeprefix("Value error, ")
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"rules file {origin}: {loc or 'top level'}: {msg}{more}"
-
-
 def parse_preset(text: str, origin: str) -> Preset:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RuleError(f"rules file {origin}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    data = parse_json(text, f"rules file {origin}", error=RuleError, expect=None,
+                      hint="see `deepfuse rules show llama --json` for a valid example")
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
-        raise RuleError(_format_validation(origin, exc), "see `deepfuse rules show llama` for a valid example") from None
+        raise RuleError(f"rules file {origin}: {validation_summary(exc)}",
+                        "see `deepfuse rules show llama` for a valid example") from None
 
 
 #: Names that stand for a built-in preset in another naming (``--rules t5x``: T5 in T5X naming).
@@ -104,9 +97,23 @@ def preset_for_config(config: dict | None, origin: str) -> Preset:
     )
 
 
-def preset_digest(preset: Preset) -> str:
-    canon = json.dumps(preset.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def rules_digest(data: dict) -> str:
+    """The sha256 of a preset's JSON data, canonicalised (sorted keys, no spaces)."""
+    canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def preset_digest(preset: Preset) -> str:
+    return rules_digest(preset.model_dump(mode="json"))
+
+
+def builtin_preset_with_digest(digest: str, variant: Callable[[Preset], Preset] | None = None) -> Preset | None:
+    """The built-in preset whose digest (or its ``variant``'s) is ``digest``, if any: how rules recorded
+    in a file we did not write (a manifest) are used without compiling a single pattern taken from it."""
+    for preset in builtin_presets():  # every family in every naming
+        if digest == preset_digest(preset) or (variant is not None and digest == preset_digest(variant(preset))):
+            return preset
+    return None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 from pathlib import Path
@@ -17,21 +16,28 @@ from ..formats.hf import MANIFEST_NAME
 from ..formats.registry import HUGGING_FACE, for_checkpoint
 from ..fuse import write_plan
 from ..ir import Checkpoint
+from ..manifest import Manifest
 from ..options import FuseOptions, OptionError, Options
-from ..plan import build_plan
+from ..plan import MAX_COPIES, build_plan, conversion_preset
 from ..rules import load_rules
+from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
 from ..sources import open_source
+from ..untrusted import resolve, resolves_inside
 from .function_level import verify_function
 from .report import Check, Report
 from .tensor_level import verify_tensors
+
+
+#: probes x seq-len: the function check holds logits and hidden states of this many tokens per model
+MAX_PROBE_TOKENS = 2**14
 
 
 class VerifyOptions(Options):
     """What ``deepfuse verify`` checks, and how hard."""
 
     sources: tuple[Path, ...] | None = None  # default: the manifest's
-    times: int | None = Field(default=None, ge=2)  # self-fusion: the one source copied K times
+    times: int | None = Field(default=None, ge=2, le=MAX_COPIES)  # self-fusion: the one source copied K times
     rules: str | None = None
     probes: int = Field(default=4, ge=1)
     seq_len: int = Field(default=16, ge=2)
@@ -47,26 +53,34 @@ class VerifyOptions(Options):
             raise OptionError(f"needs exactly one source, not {len(self.sources)}", field="times")
         return self
 
+    @model_validator(mode="after")
+    def _bounded(self) -> VerifyOptions:
+        """Refuse absurd numbers before any work: they would fail late, or exhaust memory."""
+        if self.probes * self.seq_len > MAX_PROBE_TOKENS:
+            raise OptionError(f"{self.probes} x --seq-len {self.seq_len}: at most {MAX_PROBE_TOKENS} probe tokens in all",
+                              field="probes", hint="a few short probes are enough to compare functions, e.g. --probes 4")
+        if not 0 <= self.seed < 2**64:
+            raise OptionError("must be between 0 and 2**64 - 1", field="seed")
+        return self
 
-def read_manifest(fused: Path) -> dict | None:
+
+
+def read_manifest(fused: Path) -> Manifest | None:
     path = fused / MANIFEST_NAME if fused.is_dir() else None
     if path is None or not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc})", "pass --sources to verify without it") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: the manifest is not a JSON object")
-    return data
+    return Manifest.read(path)
 
 
-def check_integrity(fused: Path, manifest: dict) -> Check:
-    files = manifest.get("files") or {}
+def check_integrity(fused: Path, manifest: Manifest) -> Check:
+    files = manifest.files
     bad = []
+    root = resolve(fused)
     for name, digest in sorted(files.items()):
         p = fused / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or not p.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not resolves_inside(p, root):
+            bad.append(f"{name} is not a file of {fused}")
+        elif not p.is_file():
             bad.append(f"{name} is missing")
         elif sha256_file(p) != digest:
             bad.append(f"{name} was modified after the manifest was written (sha256 differs)")
@@ -76,24 +90,19 @@ def check_integrity(fused: Path, manifest: dict) -> Check:
                  {"files": len(files)})
 
 
-def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool, where: Path) -> FuseOptions:
+def _options_from_manifest(manifest: Manifest | None, n: int, self_fusion: bool, where: Path) -> FuseOptions:
     """The options the fusion ran with, as its manifest records them (none: equal weights, no noise)."""
     if manifest is None:
         return FuseOptions.parse({"sources": n}, self_fusion=self_fusion)
-    noise = manifest.get("noise") or {}
+    noise = manifest.noise
     values = dict(
-        weights=manifest.get("weights"),
-        norm=(manifest.get("norm") or {}).get("mode", "rule"),
-        noise_std=noise.get("std", 0.0), noise_scale=noise.get("scale", 0.0),
-        noise_mode=noise.get("mode") if noise.get("mode") in ("offdiag", "preserving") else "offdiag",
-        seed=manifest.get("seed", 0), dtype=manifest.get("dtype"), self_fusion=self_fusion,
-        output_format=manifest.get("output_format"), convert_only=manifest.get("kind") == "conversion",
-        optimizer_state=manifest.get("optimizer_state") or "drop",
-        allow_nonfinite=bool(manifest.get("nonfinite")),
+        weights=list(manifest.weights), norm=manifest.norm.mode,
+        noise_std=noise.std, noise_scale=noise.scale, noise_mode="offdiag" if noise.mode == "none" else noise.mode,
+        seed=manifest.seed, dtype=manifest.dtype, self_fusion=self_fusion,
+        output_format=manifest.output_format, convert_only=manifest.kind == "conversion",
+        optimizer_state=manifest.optimizer_state or "drop", allow_nonfinite=bool(manifest.nonfinite),
     )
     try:
-        if values["weights"] is None:  # equal weights
-            return FuseOptions.model_validate(values, context={"sources": n})
         return FuseOptions.model_validate(values)
     except ValidationError as exc:
         message, _ = FuseOptions.explain(exc, values)
@@ -101,11 +110,26 @@ def _options_from_manifest(manifest: dict | None, n: int, self_fusion: bool, whe
                          "pass --sources to verify without the manifest's options") from None
 
 
-def _check_source_digests(manifest: dict, sources) -> None:
-    for rec, ck in zip(manifest.get("sources", []), sources):
-        for name, digest in (rec.get("files") or {}).items():
-            path = Path(name) if Path(name).is_absolute() else ck.path / name
-            if path.is_file() and digest and sha256_file(path) != digest:
+def _preset_from_manifest(manifest: Manifest, fused: Path) -> Preset:
+    """The rules a manifest records, used only when they are a built-in preset (same digest): patterns
+    taken from a file are never compiled, as a crafted one could make matching take forever."""
+    variant = conversion_preset if manifest.kind == "conversion" else None  # what build_plan derives again
+    preset = builtin_preset_with_digest(rules_digest(manifest.rules), variant)
+    if preset is None:
+        raise UsageError(f"{fused / MANIFEST_NAME}: the fusion used rules that are not a built-in preset "
+                         f"({manifest.preset!r}); they are not taken from the manifest",
+                         "pass the rules file used for the fusion with --rules")
+    return preset
+
+
+def _check_source_digests(manifest: Manifest, sources) -> None:
+    """Each source's own weight files (as its reader found them) against the digests the manifest
+    recorded for them. Only those files are opened: a manifest naming other files (``..``, an
+    absolute path) cannot make verify read them."""
+    for rec, ck in zip(manifest.sources, sources):
+        for name, path in ck.weight_file_names().items():
+            digest = rec.files.get(name)
+            if digest and path.is_file() and sha256_file(path) != digest:
                 raise InputError(f"source {ck.path}: {path.name} changed since the fusion (sha256 differs from the manifest)",
                                  "pass the original sources with --sources")
 
@@ -150,12 +174,12 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         paths = list(opts.sources)
         if opts.times is not None:
             paths = paths * opts.times
-        self_fusion = opts.times is not None or (manifest is not None and manifest.get("kind") == "self-fusion")
-        use_manifest_options = manifest is not None and int(manifest.get("n", 0)) == len(paths)
+        self_fusion = opts.times is not None or (manifest is not None and manifest.kind == "self-fusion")
+        use_manifest_options = manifest is not None and manifest.n == len(paths)
     elif manifest is not None:
-        paths = [Path(s["path"]) for s in manifest.get("sources", [])]
-        steps = [s.get("step") for s in manifest.get("sources", [])]
-        self_fusion = manifest.get("kind") == "self-fusion"
+        paths = [Path(s.path) for s in manifest.sources]
+        steps = [s.step for s in manifest.sources]
+        self_fusion = manifest.kind == "self-fusion"
         use_manifest_options = True
         for p in paths:
             if not p.exists():
@@ -163,7 +187,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
                                  "pass the sources with --sources A B ... (and --times K for self-fusion)")
     else:
         raise UsageError(f"{fused} has no manifest: name its sources", "pass --sources A B ... (or --sources A --times K)")
-    conversion = manifest is not None and manifest.get("kind") == "conversion"
+    conversion = manifest is not None and manifest.kind == "conversion"
     if len(paths) < 2 and not conversion:
         raise UsageError("verification needs two or more sources, or one with --times K")
     if opts.sources or manifest is None:
@@ -182,8 +206,8 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     preset: Preset | None = None
     if opts.rules:
         preset = load_rules(opts.rules)
-    elif manifest is not None and isinstance(manifest.get("rules"), dict):
-        preset = Preset.model_validate(manifest["rules"])
+    elif manifest is not None:
+        preset = _preset_from_manifest(manifest, fused)
     plan = build_plan(sources, options, preset)
     report.meta.update({"preset": plan.preset.name, "n": plan.n, "weights": list(options.weights),
                         "norm": options.norm, "noise": options.describe_noise(), "seed": options.seed,
