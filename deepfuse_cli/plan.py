@@ -81,7 +81,7 @@ class PlanEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     noise: bool  # off-diagonal noise applies to this tensor
-    scales: list[float] | None = None  # output_average: w_m * output_scale_m
+    scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
 
     @property
     def nbytes(self) -> int:

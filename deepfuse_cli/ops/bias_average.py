@@ -22,7 +22,7 @@ class BiasAverage(FusionOp):
     scales_gradients = False
 
     def check(self, rule: RuleView) -> None:
-        self.widened(rule, 0)
+        self.require_widened(rule, 0)
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
         shape = fused_shape([t.shape for t in tensors], [])

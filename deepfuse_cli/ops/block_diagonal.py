@@ -34,7 +34,7 @@ class BlockDiagonal(FusionOp):
     takes_input_axis = True
 
     def check(self, rule: RuleView) -> None:
-        widened = self.widened(rule, 2)
+        widened = self.require_widened(rule, 2)
         if rule.input_axis is None or rule.input_axis not in widened:
             raise ValueError("block_diagonal needs input_axis: the index of the widened axis that is the input")
 

@@ -22,7 +22,7 @@ class Concat(FusionOp):
     description = "one widened axis: concatenate the sources along it"
 
     def check(self, rule: RuleView) -> None:
-        self.widened(rule, 1)
+        self.require_widened(rule, 1)
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
         return concat_rows(tensors, rule.widened_axes[0], dtype=ctx.dtype, ring=ctx.buffers(),

@@ -24,7 +24,7 @@ class OutputAverage(FusionOp):
     averages_outputs = True
 
     def check(self, rule: RuleView) -> None:
-        (axis,) = self.widened(rule, 1)
+        (axis,) = self.require_widened(rule, 1)
         if rule.axes[axis] != "hidden":
             raise ValueError("output_average concatenates along a 'hidden' axis")
 

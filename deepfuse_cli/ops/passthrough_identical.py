@@ -22,7 +22,7 @@ class PassthroughIdentical(FusionOp):
     any_dtype = True
 
     def check(self, rule: RuleView) -> None:
-        self.widened(rule, 0)
+        self.require_widened(rule, 0)
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
         ref = tensors[0]

@@ -13,6 +13,10 @@ rule checks, its fused shape, and ONE way to compute its value: as consecutive r
 
 Ops know nothing of names, files or formats: a rule is read through :class:`RuleView` (what
 ``rules.schema.Rule`` provides), everything else comes in a :class:`FuseContext`.
+
+Adding an op: a module in this package with a :class:`FusionOp` subclass decorated with
+:func:`register`, and its import in ``__init__``. Rules files can then name it; the schema, the
+plan, the fuse loop and the optimizer state read everything else from the op.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class FusionOp(ABC):
         for ``count - 1`` more). Whatever can be checked without computing is checked before this
         returns."""
 
-    def widened(self, rule: RuleView, count: int) -> list[int]:
+    def require_widened(self, rule: RuleView, count: int) -> list[int]:
         """The rule's widened axes, refused unless there are exactly ``count``."""
         widened = rule.widened_axes
         if len(widened) != count:
