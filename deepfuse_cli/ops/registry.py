@@ -101,8 +101,8 @@ class FusionOp(ABC):
         """The fused value as consecutive row blocks, in ``ctx.dtype``.
 
         Blocks may live in ``ctx.ring``'s buffers (the consumer is done with a block before asking
-        for ``count - 1`` more). Whatever can be checked without computing is checked before this
-        returns."""
+        for ``count - 1`` more). Checks of the sources' values (an identical passthrough) are made
+        before this returns, so that a mismatch is known before the first block."""
 
     def require_widened(self, rule: RuleView, count: int) -> list[int]:
         """The rule's widened axes, refused unless there are exactly ``count``."""
