@@ -19,10 +19,8 @@ from .registry import FuseContext, FusionOp, RuleView, register
 class BiasAverage(FusionOp):
     name = "bias_average"
     description = "bias of the output projection: weighted average sum_m w_m b_m"
+    widened_count = 0
     scales_gradients = False
-
-    def check(self, rule: RuleView) -> None:
-        self.require_widened(rule, 0)
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
         shape = fused_shape([t.shape for t in tensors], [])

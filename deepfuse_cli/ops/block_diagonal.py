@@ -31,10 +31,11 @@ from .ring import BufferRing
 class BlockDiagonal(FusionOp):
     name = "block_diagonal"
     description = "kernel between two widened spaces: sources on the diagonal, zeros (or noise) elsewhere"
+    widened_count = 2
     takes_input_axis = True
 
     def check(self, rule: RuleView) -> None:
-        widened = self.require_widened(rule, 2)
+        widened = self.require_widened(rule)
         if rule.input_axis is None or rule.input_axis not in widened:
             raise ValueError("block_diagonal needs input_axis: the index of the widened axis that is the input")
 

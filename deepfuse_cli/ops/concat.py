@@ -20,9 +20,7 @@ from .ring import BufferRing
 class Concat(FusionOp):
     name = "concat"
     description = "one widened axis: concatenate the sources along it"
-
-    def check(self, rule: RuleView) -> None:
-        self.require_widened(rule, 1)
+    widened_count = 1
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
         return concat_rows(tensors, rule.widened_axes[0], dtype=ctx.dtype, ring=ctx.buffers(),

@@ -20,11 +20,12 @@ from .registry import FuseContext, FusionOp, RuleView, register
 class OutputAverage(FusionOp):
     name = "output_average"
     description = "projection to logits: concatenate along the hidden axis, source m scaled by w_m"
+    widened_count = 1
     scales_gradients = False
     averages_outputs = True
 
     def check(self, rule: RuleView) -> None:
-        (axis,) = self.require_widened(rule, 1)
+        (axis,) = self.require_widened(rule)
         if rule.axes[axis] != "hidden":
             raise ValueError("output_average concatenates along a 'hidden' axis")
 

@@ -78,6 +78,8 @@ class FusionOp(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]  # one line, shown by ``deepfuse rules show``
+    #: how many widened axes its rule must have (None: ``check`` decides)
+    widened_count: ClassVar[int | None] = None
     #: the rule fields the op reads besides ``axes`` (others must be left unset)
     takes_input_axis: ClassVar[bool] = False
     takes_parts: ClassVar[bool] = False
@@ -90,7 +92,9 @@ class FusionOp(ABC):
     any_dtype: ClassVar[bool] = False
 
     def check(self, rule: RuleView) -> None:
-        """Refuse a rule this op cannot execute (ValueError with the reason)."""
+        """Refuse a rule this op cannot execute (ValueError with the reason); by default, one
+        without exactly ``widened_count`` widened axes."""
+        self.require_widened(rule)
 
     def shape(self, shapes: Sequence[Sequence[int]], rule: RuleView) -> Shape:
         """The fused shape for these source shapes; :class:`FusionMismatch` when they cannot fuse."""
@@ -104,10 +108,10 @@ class FusionOp(ABC):
         for ``count - 1`` more). Checks of the sources' values (an identical passthrough) are made
         before this returns, so that a mismatch is known before the first block."""
 
-    def require_widened(self, rule: RuleView, count: int) -> list[int]:
-        """The rule's widened axes, refused unless there are exactly ``count``."""
-        widened = rule.widened_axes
-        if len(widened) != count:
+    def require_widened(self, rule: RuleView) -> list[int]:
+        """The rule's widened axes, refused unless there are exactly ``widened_count``."""
+        widened, count = rule.widened_axes, self.widened_count
+        if count is not None and len(widened) != count:
             need = "takes no widened axis" if count == 0 else \
                 f"needs exactly {count} widened {'axis' if count == 1 else 'axes'}"
             raise ValueError(f"{self.name} {need}, axes {rule.axes} have {len(widened)}")
