@@ -46,15 +46,14 @@ Progress = Callable[[PlanEntry], None]
 
 def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | None = None, *,
                    ring: ops.BufferRing | None = None, pool: Executor | None = None):
-    """The fused value of one planned tensor.
+    """The fused value of one planned tensor: its rule's op, looked up in the op registry.
 
     With ``ring``: an iterator over the value's consecutive row blocks (slabs along axis 0, which
-    may live in ``ring``'s buffers), bit for bit the same values, never the whole tensor at once;
-    noise of later block rows may be drawn ahead on ``pool``. The sources are loaded and checked
-    (and the noise scale measured) before this returns.
+    may live in ``ring``'s buffers), never the whole tensor at once; noise of later block rows may be
+    drawn ahead on ``pool``. Without: those row blocks gathered into one tensor. The sources are
+    loaded and checked (and the noise scale measured) before this returns.
     """
     opts = plan.options
-    rule = entry.rule
     n = plan.n
     if loaded is None:
         if opts.self_fusion:
@@ -63,72 +62,18 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
             loaded = [plan.tensors[m][entry.name].load() for m in range(n)]
         for m in range(1 if opts.self_fusion else n):
             _check_finite(plan, entry.name, m, loaded[m])
-    widened = rule.widened_axes
-    dtype = entry.dtype
-
-    std = 0.0
+    noise = None
     if entry.noise:
         std = opts.noise_std if opts.noise_std > 0 else opts.noise_scale * ops.rms(loaded)
-    preserving = opts.noise_mode == "preserving"
-
-    def block_diag(tensors: list[torch.Tensor], part: int | None, rows: ops.BufferRing | None = None):
-        offdiag = None
-        if entry.noise and std > 0:
-            def offdiag(i: int, j: int, shape: tuple[int, ...]) -> torch.Tensor:
-                key = (i, j) if part is None else (part, i, j)
-                return ops.gaussian(opts.seed, entry.name, key, shape, std)
-        if rows is not None:  # streaming: the same noise, read from the block's stream piece by piece
-            noise = None
-            if offdiag is not None:
-                def noise(i: int, j: int, numel: int) -> ops.GaussianStream:
-                    return ops.GaussianStream(opts.seed, entry.name, (i, j) if part is None else (part, i, j),
-                                              numel, std)
-            return ops.block_diagonal_rows(tensors, (widened[0], widened[1]), noise=noise,
-                                           preserving_input_axis=rule.input_axis if (preserving and noise) else None,
-                                           dtype=dtype, ring=rows, pool=pool)
-        return ops.block_diagonal(tensors, (widened[0], widened[1]), offdiag=offdiag,
-                                  preserving_input_axis=rule.input_axis if (preserving and offdiag) else None,
-                                  dtype=dtype)
-
-    if ring is not None:
-        if rule.op == "block_diagonal":
-            return block_diag(list(loaded), None, ring)
-        if rule.op == "concat":
-            return ops.concat_rows(loaded, widened[0], dtype=dtype, ring=ring)
-        if rule.op == "split_fuse_concat":
-            split_axis = rule.axes.index("qkv")
-            if len(widened) == 2:
-                inner_rows = block_diag
-            else:
-                def inner_rows(pieces: list[torch.Tensor], part: int, rows: ops.BufferRing):
-                    return ops.concat_rows(pieces, split_axis, dtype=dtype, ring=rows)
-            return ops.split_fuse_concat_rows(loaded, split_axis, rule.parts, inner_rows, dtype, ring=ring)
-        if rule.op == "output_average":
-            return ops.output_average_rows(loaded, widened[0], entry.scales, dtype=dtype, ring=ring)
-        return iter([compute_tensor(plan, entry, loaded)])  # bias average, passthrough: small, one piece
-
-    if rule.op == "block_diagonal":
-        return block_diag(list(loaded), None)
-    if rule.op == "concat":
-        return ops.concat(loaded, widened[0], dtype=dtype)
-    if rule.op == "split_fuse_concat":
-        split_axis = rule.axes.index("qkv")
-        if len(widened) == 2:
-            inner = block_diag
-        else:
-            def inner(pieces: list[torch.Tensor], part: int) -> torch.Tensor:
-                return ops.concat(pieces, split_axis, dtype=dtype)
-        return ops.split_fuse_concat(loaded, split_axis, rule.parts, inner)
-    if rule.op == "output_average":
-        return ops.output_average(loaded, widened[0], entry.scales, dtype=dtype)
-    if rule.op == "bias_average":
-        return ops.bias_average(loaded, plan.options.weights, dtype=dtype)
-    if rule.op == "passthrough_identical":
-        try:
-            return ops.passthrough_identical(loaded, dtype=dtype)
-        except ops.FusionMismatch as exc:
-            raise InputError(f"tensor {entry.name!r}: {exc}", "this tensor must be identical in every source") from None
-    raise AssertionError(f"unknown op {rule.op}")  # unreachable: the schema validates ops
+        if std > 0:
+            noise = ops.OffDiagonalNoise(opts.seed, entry.name, std, preserving=opts.noise_mode == "preserving")
+    ctx = ops.FuseContext(dtype=entry.dtype, weights=opts.weights, scales=entry.scales, noise=noise, ring=ring,
+                          pool=pool)
+    try:
+        blocks = entry.rule.fusion_op.rows(loaded, entry.rule, ctx)
+    except ops.FusionMismatch as exc:
+        raise InputError(f"tensor {entry.name!r}: {exc}", exc.hint) from None
+    return blocks if ring is not None else gather(blocks, entry.name, entry.shape, entry.dtype)
 
 
 def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:

@@ -34,8 +34,6 @@ from .errors import InputError
 LEAVES = ("m", "v", "v_col", "v_row")
 PREFIX = "state/param_states/"
 DEFAULT_MIN_DIM = 128
-#: ops whose fused parameter sits at (or after) the averaging: its gradient is not scaled by w_m
-UNSCALED_OPS = ("output_average", "bias_average")
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,7 @@ class StatePlan:
         loaded = [{k: ref.load() for k, ref in st.items()} for st in states]
         if plan.options.convert_only:  # one source, nothing widened: carried bit for bit
             return {k: v.contiguous() for k, v in loaded[0].items()}
-        unscaled = pe.rule.op in UNSCALED_OPS
+        unscaled = not pe.rule.fusion_op.scales_gradients  # at (or after) the averaging
         vs = []
         for m in range(n):
             try:

@@ -24,9 +24,9 @@ from .errors import InputError, UsageError
 from .formats import registry as formats
 from .formats.registry import naming_of
 from .ir import Checkpoint, TensorRef, dtype_size
-from .ops import FusionMismatch, fused_shape
-from .plan_record import NoiseRecord, PlanRecord, TensorRecord
+from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
+from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
@@ -57,7 +57,7 @@ class PlanEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     noise: bool  # off-diagonal noise applies to this tensor
-    scales: list[float] | None = None  # output_average: w_m * output_scale_m
+    scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
 
     @property
     def nbytes(self) -> int:
@@ -410,25 +410,22 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                     f"but rules[{match.index}] {rule.pattern!r} describes {len(rule.axes)} ({', '.join(rule.axes) or 'scalar'})",
                     "fix the rule's axes, or the tensor does not belong to this family",
                 )
-        widened = rule.widened_axes
+        op = rule.fusion_op
         try:
-            shape = fused_shape([r.shape for r in refs], widened)
+            shape = op.shape([r.shape for r in refs], rule)
         except FusionMismatch as exc:
+            if exc.source is not None:  # about that source's own tensor
+                where = _origin(sources[exc.source], exc.source)
+                raise InputError(f"{where}: tensor {name!r} {exc}", exc.hint) from None
             raise InputError(f"tensor {name!r} cannot be fused: {exc} (axes: {', '.join(rule.axes)})",
-                             "sources must agree on every shared axis (vocabulary, positions, buckets)") from None
-        if rule.op == "split_fuse_concat":
-            ax = rule.axes.index("qkv")
-            for m, r in enumerate(refs):
-                if r.shape[ax] % rule.parts:
-                    raise InputError(f"{_origin(sources[m], m)}: tensor {name!r} axis {ax} ({r.shape[ax]}) "
-                                     f"does not split into {rule.parts} equal parts")
+                             exc.hint) from None
         dtype = options.dtype or _promote(name, refs)
-        if not (dtype.is_floating_point or rule.op == "passthrough_identical"):
+        if not (dtype.is_floating_point or op.any_dtype):
             raise InputError(f"tensor {name!r} has dtype {dtype}, which cannot be fused",
                              "only floating-point parameters can be fused")
-        noise = options.noisy and n > 1 and len(widened) == 2
+        noise = options.noisy and n > 1 and len(rule.widened_axes) == 2
         scales = None
-        if rule.op == "output_average":
+        if op.averages_outputs:
             scales = [options.weights[m] * output_scales[m] for m in range(n)]
         entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],

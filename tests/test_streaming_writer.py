@@ -1,8 +1,9 @@
-"""Streaming writes: the row-block path gives byte-for-byte the files of the materialising path.
+"""Streaming writes: the row-block path gives byte-for-byte the files of the whole-tensor path.
 
-``write_plan`` streams row blocks into the safetensors writer (computed on a worker thread, hashed
-on another); the reference here computes each whole tensor with ``compute_tensor`` and hands it to
-the same writer's ``write``. Row blocks are made tiny so that every tensor spans many of them.
+``write_plan`` streams row blocks into the safetensors writer (computed on a worker thread ahead of
+the writer, hashed on another); the reference here computes each whole tensor with
+``compute_tensor`` (its row blocks gathered on this thread) and hands it to the same writer's
+``write``. Row blocks are made tiny so that every tensor spans many of them.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def weight_files(directory: Path) -> dict[str, bytes]:
 def tiny_blocks(request, monkeypatch):
     """Row blocks of ~200 bytes, 8 KiB staging buffers, writeback started every ~1 KB: every path
     runs many times; files written with O_DIRECT and through the page cache."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(ops.common, "CHUNK_BYTES", 200)  # where the ops read it
     monkeypatch.setattr(staged_file, "STAGE_BYTES", 8192)
     monkeypatch.setattr(staged_file, "STAGES", 2)
     monkeypatch.setattr(staged_file, "WRITEBACK_BYTES", 1000)

@@ -24,10 +24,12 @@ role (each source owns a slice of that axis) or a shared one (equal in every sou
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .. import ops as fusion_ops
 from ..naming import DESCRIPTIONS
 
 #: Axis roles whose size is summed over the sources (each source owns a slice).
@@ -50,14 +52,8 @@ SHARED_ROLES = {
 }
 AXIS_ROLES = {**WIDENED_ROLES, **SHARED_ROLES}
 
-OPS = {
-    "block_diagonal": "kernel between two widened spaces: sources on the diagonal, zeros (or noise) elsewhere",
-    "concat": "one widened axis: concatenate the sources along it",
-    "split_fuse_concat": "fused projection (e.g. q|k|v): split the 'parts' axis, fuse each part, concatenate back",
-    "output_average": "projection to logits: concatenate along the hidden axis, source m scaled by w_m",
-    "bias_average": "bias of the output projection: weighted average sum_m w_m b_m",
-    "passthrough_identical": "must be identical in every source (e.g. a buffer): copied once",
-}
+#: Every fusion op a rule may name, with what it does (from the op registry).
+OPS = {name: op.description for name, op in fusion_ops.OPS.items()}
 
 LAYER_TOKEN = "{layer}"
 LAYER_REGEX = r"(?P<layer>\d+)"
@@ -95,9 +91,7 @@ class NamingName(_Strict):
 
 class Rule(_Strict):
     pattern: str = Field(description="full-name regular expression; {layer} matches a layer number")
-    op: Literal[
-        "block_diagonal", "concat", "split_fuse_concat", "output_average", "bias_average", "passthrough_identical"
-    ]
+    op: str = Field(description="the fusion op (`deepfuse rules show` lists them)")
     axes: list[str] = Field(description="role of every axis of the tensor")
     input_axis: int | None = Field(default=None, description="block_diagonal: which axis is the input space")
     parts: int | None = Field(default=None, ge=2, description="split_fuse_concat: number of parts on the 'qkv' axis")
@@ -132,36 +126,25 @@ class Rule(_Strict):
                 raise ValueError(f"unknown axis role {role!r}; known roles: {', '.join(AXIS_ROLES)}")
         return v
 
+    @field_validator("op")
+    @classmethod
+    def _known_op(cls, v: str) -> str:
+        if v not in fusion_ops.OPS:
+            raise ValueError(f"unknown op {v!r}; known ops: {', '.join(fusion_ops.OPS)}")
+        return v
+
     @model_validator(mode="after")
     def _op_fits_axes(self) -> Rule:
-        widened = self.widened_axes
-        op = self.op
-        if "qkv" in self.axes and op != "split_fuse_concat":
-            raise ValueError("the 'qkv' role is only valid with op split_fuse_concat")
-        if op == "block_diagonal":
-            if len(widened) != 2:
-                raise ValueError(f"block_diagonal needs exactly 2 widened axes, axes {self.axes} have {len(widened)}")
-            if self.input_axis is None or self.input_axis not in widened:
-                raise ValueError("block_diagonal needs input_axis: the index of the widened axis that is the input")
-        elif op == "split_fuse_concat":
-            if self.axes.count("qkv") != 1 or self.parts is None:
-                raise ValueError("split_fuse_concat needs exactly one 'qkv' axis and 'parts'")
-            if len(widened) not in (1, 2):
-                raise ValueError("split_fuse_concat needs 1 or 2 widened axes (the 'qkv' axis included)")
-            if len(widened) == 2 and (self.input_axis is None or self.input_axis not in widened):
-                raise ValueError("split_fuse_concat over two widened axes needs input_axis")
-        elif op in ("concat", "output_average"):
-            if len(widened) != 1:
-                raise ValueError(f"{op} needs exactly 1 widened axis, axes {self.axes} have {len(widened)}")
-            if op == "output_average" and self.axes[widened[0]] != "hidden":
-                raise ValueError("output_average concatenates along a 'hidden' axis")
-        elif op in ("bias_average", "passthrough_identical"):
-            if widened:
-                raise ValueError(f"{op} takes no widened axis, axes {self.axes} have {len(widened)}")
-        if op not in ("block_diagonal", "split_fuse_concat") and self.input_axis is not None:
-            raise ValueError(f"input_axis is only meaningful for block_diagonal / split_fuse_concat, not {op}")
-        if op != "split_fuse_concat" and self.parts is not None:
-            raise ValueError("parts is only meaningful for split_fuse_concat")
+        """The op's own checks, and the optional fields only the ops that read them may set."""
+        op = self.fusion_op
+        if "qkv" in self.axes and not op.takes_parts:
+            raise ValueError(f"the 'qkv' role is only valid with op {_ops_that(lambda o: o.takes_parts)}")
+        op.check(self)
+        if not op.takes_input_axis and self.input_axis is not None:
+            takers = _ops_that(lambda o: o.takes_input_axis)
+            raise ValueError(f"input_axis is only meaningful for {takers}, not {op.name}")
+        if not op.takes_parts and self.parts is not None:
+            raise ValueError(f"parts is only meaningful for {_ops_that(lambda o: o.takes_parts)}")
         return self
 
     @property
@@ -174,12 +157,21 @@ class Rule(_Strict):
         return text
 
     @property
+    def fusion_op(self) -> fusion_ops.FusionOp:
+        """The registered op this rule names."""
+        return fusion_ops.get(self.op)
+
+    @property
     def widened_axes(self) -> list[int]:
         return [i for i, r in enumerate(self.axes) if r in WIDENED_ROLES]
 
     @property
     def regex(self) -> re.Pattern[str]:
         return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX))
+
+
+def _ops_that(has: Callable[[fusion_ops.FusionOp], bool]) -> str:
+    return " / ".join(name for name, op in fusion_ops.OPS.items() if has(op))
 
 
 class OutputSpec(_Strict):
