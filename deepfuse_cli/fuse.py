@@ -37,58 +37,12 @@ from .formats.hf import MANIFEST_NAME
 from .ir import Checkpoint
 from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
+from .compute import compute_tensor
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
 from .untrusted import resolve
 
 Progress = Callable[[PlanEntry], None]
-
-
-def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | None = None, *,
-                   ring: ops.BufferRing | None = None, pool: Executor | None = None):
-    """The fused value of one planned tensor: its rule's op, looked up in the op registry.
-
-    With ``ring``: an iterator over the value's consecutive row blocks (slabs along axis 0, which
-    may live in ``ring``'s buffers), never the whole tensor at once; noise of later block rows may be
-    drawn ahead on ``pool``. Without: those row blocks gathered into one tensor. The sources are
-    loaded and checked (and the noise scale measured) before this returns.
-    """
-    opts = plan.options
-    n = plan.n
-    if loaded is None:
-        if opts.self_fusion:
-            loaded = [plan.tensors[0][entry.name].load()] * n
-        else:
-            loaded = [plan.tensors[m][entry.name].load() for m in range(n)]
-        for m in range(1 if opts.self_fusion else n):
-            _check_finite(plan, entry.name, m, loaded[m])
-    noise = None
-    if entry.noise:
-        std = opts.noise_std if opts.noise_std > 0 else opts.noise_scale * ops.rms(loaded)
-        if std > 0:
-            noise = ops.OffDiagonalNoise(opts.seed, entry.name, std, preserving=opts.noise_mode == "preserving")
-    ctx = ops.FuseContext(dtype=entry.dtype, weights=opts.weights, scales=entry.scales, noise=noise, ring=ring,
-                          pool=pool)
-    try:
-        blocks = entry.rule.fusion_op.rows(loaded, entry.rule, ctx)
-    except ops.FusionMismatch as exc:
-        raise InputError(f"tensor {entry.name!r}: {exc}", exc.hint) from None
-    return blocks if ring is not None else gather(blocks, entry.name, entry.shape, entry.dtype)
-
-
-def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
-    """Refuse a source tensor holding NaN/Inf, or with ``allow_nonfinite`` record it in ``plan.nonfinite``."""
-    if not tensor.is_floating_point():
-        return
-    t = tensor if tensor.dtype != torch.float8_e4m3fn else tensor.to(torch.float16)  # no isfinite kernel for it
-    if ops.all_finite(t):  # one pass, no temporaries the size of the tensor
-        return
-    count = int(t.numel() - int(torch.isfinite(t).sum()))
-    where = plan.tensors[m][name].source or str(plan.sources[m].path)
-    if not plan.options.allow_nonfinite:
-        raise InputError(f"{where}: tensor {name!r} has {count} non-finite value(s) (NaN or Inf)",
-                         "the source is corrupt or diverged; pass --allow-nonfinite to fuse it anyway")
-    plan.nonfinite.append({"source": m + 1, "file": where, "tensor": name, "count": count})
 
 
 class _Failure:
@@ -360,8 +314,11 @@ def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
     Hugging Face directory, fused.gin beside a T5X/Orbax checkpoint)."""
     what = ("converted by deepfuse" if plan.options.convert_only else
             f"Deep Fusion of {plan.n} models by deepfuse {__version__}")
-    info = OutputInfo(config=plan.output_config, first=plan.sources[0], provenance=what,
-                      optimizer_state=plan.state is not None)
+    carried = plan.state is not None
+    text = plan.family.config_text(plan.output_config, plan.output_adapter.naming.value, note=what,
+                                   optimizer_state=carried)
+    info = OutputInfo(config=plan.output_config, first=plan.sources[0], provenance=what, optimizer_state=carried,
+                      config_text=text)
     files.update(plan.output_adapter.write_sidecars(tmp, info))
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .compute import compute_tensor
 from .errors import InputError
 
 LEAVES = ("m", "v", "v_col", "v_row")
@@ -179,8 +180,6 @@ class StatePlan:
         return self._cache[1][entry.leaf]
 
     def _compute_param(self, param: str) -> dict[str, torch.Tensor]:
-        from .fuse import compute_tensor
-
         plan = self.plan
         pe = self._params[param]
         n = plan.n

@@ -12,6 +12,8 @@ Hooks a module may define (all optional):
 * ``canonical_config(config, naming) -> dict`` — a source's config in the preset's own vocabulary;
 * ``naming_config(config, naming, origin, source_naming) -> dict`` — the fused config in another naming's vocabulary;
 * ``infer_config(shapes, naming, origin) -> dict | None`` — dimensions of a checkpoint that has no config;
+* ``config_text(config, naming, note, optimizer_state) -> str | None`` — a runtime config written beside
+  a checkpoint in that naming (T5: ``fused.gin`` for T5X);
 * ``forward(tensors, config, inputs) -> (logits, hidden)`` — the ``builtin`` runtime.
 """
 
@@ -76,6 +78,13 @@ class Family:
             if key in config and not (value is None and key in spec.derived) and (type(value) is not int or value < 0):
                 raise InputError(f"{where}: field {key!r} is {json.dumps(value)[:40]}, expected a non-negative integer",
                                  "fix config.json, or re-download it")
+
+    def config_text(self, config: dict | None, naming: str, *, note: str, optimizer_state: bool) -> str | None:
+        """The config a runtime of ``naming`` reads beside the checkpoint (T5X: gin), if the family has one."""
+        hook = self._hook("config_text")
+        if hook is None or config is None:
+            return None
+        return hook(config, naming, note=note, optimizer_state=optimizer_state)
 
     def view(self, config: dict | None) -> dict[str, Any]:
         """The config with the family's derived values (evaluated in order, each seeing the previous)."""

@@ -30,3 +30,11 @@ def naming_config(config: dict, naming: str, origin: str, source_naming: str) ->
 
 def infer_config(shapes, naming: str, origin: str) -> dict | None:
     return t5x.infer_config(shapes, origin) if naming == "t5x" else None
+
+
+def config_text(config: dict, naming: str, *, note: str, optimizer_state: bool) -> str | None:
+    """gin overrides for T5X's T5 network with the fused widths."""
+    if naming != "t5x":
+        return None
+    return t5x.gin_overrides(config, note=f"Model widths of this checkpoint ({note})",
+                             optimizer_state=None if optimizer_state else "drop")

@@ -35,6 +35,8 @@ class OutputInfo:
     first: Checkpoint  # the first source (its extra files, its layout)
     provenance: str  # e.g. "Deep Fusion of 2 models by deepfuse 0.5.0", for comments in sidecars
     optimizer_state: bool  # the output carries the (fused or converted) optimizer state
+    #: the family's config for runtimes configured beside the checkpoint (T5X: gin text), if it has one
+    config_text: str | None = None
 
 
 class FormatAdapter(ABC):

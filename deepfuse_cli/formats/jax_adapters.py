@@ -33,17 +33,11 @@ class _TrainStateAdapter(FormatAdapter):
         return first.metadata if first.format in self.reads else {}
 
     def write_sidecars(self, directory: Path, info: OutputInfo) -> dict[str, str]:
-        """``fused.gin``: the model widths for T5X's T5 network (and, when the optimizer state was
-        dropped, how to restore without it)."""
-        config = info.config
-        # Family knowledge: only a T5 config has gin overrides (moves to the family registry).
-        if config is None or config.get("model_type") != "t5x":
+        """``fused.gin``: the family's gin overrides for the new widths (T5: T5X's T5 network, and,
+        when the optimizer state was dropped, how to restore without it)."""
+        if info.config_text is None:
             return {}
-        from ..architectures.t5x import gin_overrides
-
-        text = gin_overrides(config, note=f"Model widths of this checkpoint ({info.provenance})",
-                             optimizer_state=None if info.optimizer_state else "drop")
-        return write_sidecar(directory, GIN_NAME, text.encode())
+        return write_sidecar(directory, GIN_NAME, info.config_text.encode())
 
 
 class T5XAdapter(_TrainStateAdapter):

@@ -12,16 +12,18 @@ import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..architectures import Family
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
-from ..plan import Plan
 from ..rules.schema import RuntimeSpec
 from .report import Check, Report
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 HALF = (torch.float16, torch.bfloat16)
 

@@ -1,0 +1,67 @@
+"""The fused value of one planned tensor: its rule's op, looked up in the op registry.
+
+Loads the tensor's sources (once for self-fusion), refuses or records non-finite values, sets up
+the seeded off-diagonal noise, and hands the op its row-block context. ``fuse`` streams the blocks
+into a writer; the optimizer state uses whole values. Verification never calls this.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import ops
+from .errors import InputError
+from .formats.base import gather
+
+if TYPE_CHECKING:
+    from .plan import Plan, PlanEntry
+
+
+def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | None = None, *,
+                   ring: ops.BufferRing | None = None, pool: Executor | None = None):
+    """The fused value of one planned tensor: its rule's op, looked up in the op registry.
+
+    With ``ring``: an iterator over the value's consecutive row blocks (slabs along axis 0, which
+    may live in ``ring``'s buffers), never the whole tensor at once; noise of later block rows may be
+    drawn ahead on ``pool``. Without: those row blocks gathered into one tensor. The sources are
+    loaded and checked (and the noise scale measured) before this returns.
+    """
+    opts = plan.options
+    n = plan.n
+    if loaded is None:
+        if opts.self_fusion:
+            loaded = [plan.tensors[0][entry.name].load()] * n
+        else:
+            loaded = [plan.tensors[m][entry.name].load() for m in range(n)]
+        for m in range(1 if opts.self_fusion else n):
+            _check_finite(plan, entry.name, m, loaded[m])
+    noise = None
+    if entry.noise:
+        std = opts.noise_std if opts.noise_std > 0 else opts.noise_scale * ops.rms(loaded)
+        if std > 0:
+            noise = ops.OffDiagonalNoise(opts.seed, entry.name, std, preserving=opts.noise_mode == "preserving")
+    ctx = ops.FuseContext(dtype=entry.dtype, weights=opts.weights, scales=entry.scales, noise=noise, ring=ring,
+                          pool=pool)
+    try:
+        blocks = entry.rule.fusion_op.rows(loaded, entry.rule, ctx)
+    except ops.FusionMismatch as exc:
+        raise InputError(f"tensor {entry.name!r}: {exc}", exc.hint) from None
+    return blocks if ring is not None else gather(blocks, entry.name, entry.shape, entry.dtype)
+
+
+def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
+    """Refuse a source tensor holding NaN/Inf, or with ``allow_nonfinite`` record it in ``plan.nonfinite``."""
+    if not tensor.is_floating_point():
+        return
+    t = tensor if tensor.dtype != torch.float8_e4m3fn else tensor.to(torch.float16)  # no isfinite kernel for it
+    if ops.all_finite(t):  # one pass, no temporaries the size of the tensor
+        return
+    count = int(t.numel() - int(torch.isfinite(t).sum()))
+    where = plan.tensors[m][name].source or str(plan.sources[m].path)
+    if not plan.options.allow_nonfinite:
+        raise InputError(f"{where}: tensor {name!r} has {count} non-finite value(s) (NaN or Inf)",
+                         "the source is corrupt or diverged; pass --allow-nonfinite to fuse it anyway")
+    plan.nonfinite.append({"source": m + 1, "file": where, "tensor": name, "count": count})
