@@ -278,7 +278,8 @@ def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict 
         for m, v in enumerate(views[1:], start=1):
             if v.get(key) != ref:
                 raise InputError(
-                    f"sources differ in {key}: {_origin(sources[0], 0)} has {ref!r}, {_origin(sources[m], m)} has {v.get(key)!r}",
+                    f"sources differ in {family.field_label(key, naming_of(sources[0]))}: {_origin(sources[0], 0)} has "
+                    f"{ref!r}, {_origin(sources[m], m)} has {v.get(key)!r}",
                     "only models of one architecture (same vocabulary, depth, head size, ...) can be fused",
                 )
     for key in spec.sum:

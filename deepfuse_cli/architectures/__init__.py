@@ -10,6 +10,7 @@ text; the paper's MLP: a reference forward). A family that fits the existing ops
 Hooks a module may define (all optional):
 
 * ``canonical_config(config, naming) -> dict`` — a source's config in the preset's own vocabulary;
+* ``field_label(key, naming) -> str`` — a config field's name in that naming's vocabulary (messages);
 * ``naming_config(config, naming, origin, source_naming) -> dict`` — the fused config in another naming's vocabulary;
 * ``infer_config(shapes, naming, origin) -> dict | None`` — dimensions of a checkpoint that has no config;
 * ``config_text(config, naming, note, optimizer_state) -> str | None`` — a runtime config written beside
@@ -67,6 +68,11 @@ class Family:
         """The config of a checkpoint in ``naming`` that carries none, from its tensor shapes (or None)."""
         hook = self._hook("infer_config")
         return hook(shapes, naming, origin) if hook is not None else None
+
+    def field_label(self, key: str, naming: str) -> str:
+        """How a config field of the family's vocabulary is called for checkpoints in ``naming``."""
+        hook = self._hook("field_label")
+        return hook(key, naming) if hook is not None else key
 
     def check_sizes(self, config: dict | None, where: str) -> None:
         """Refuse a config whose size fields are not non-negative integers (null only where derived)."""

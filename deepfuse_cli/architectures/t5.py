@@ -16,6 +16,16 @@ from __future__ import annotations
 from . import t5x
 
 
+#: transformers T5 config fields -> the T5X dimensions they come from (for messages about T5X sources)
+T5X_FIELDS = {"d_model": "d_model (emb_dim)", "num_heads": "num_heads", "d_kv": "head_dim", "d_ff": "mlp_dim",
+              "num_layers": "num_encoder_layers", "num_decoder_layers": "num_decoder_layers",
+              "relative_attention_num_buckets": "num_buckets", "feed_forward_proj": "gated", "vocab_size": "vocab_size"}
+
+
+def field_label(key: str, naming: str) -> str:
+    return T5X_FIELDS.get(key, key) if naming == "t5x" else key
+
+
 def canonical_config(config: dict, naming: str) -> dict:
     if naming == "t5x" and config.get("model_type") == "t5x":
         return t5x.hf_config(config)
