@@ -63,6 +63,12 @@ NAMINGS = {n.value: text for n, text in DESCRIPTIONS.items()}
 LEGACY_SCALES = {"none": "1.0", "t5_decoder": "d_model ** -0.5 if scale_decoder_outputs else 1.0"}
 
 
+def _known_naming(naming: str) -> str:
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; known namings: {', '.join(NAMINGS)}")
+    return naming
+
+
 def _escape_template(text: str) -> str:
     return re.escape(text).replace(re.escape(LAYER_TOKEN), LAYER_TOKEN)
 
@@ -105,8 +111,7 @@ class Rule(_Strict):
     @classmethod
     def _known_namings(cls, v: dict[str, NamingName]) -> dict[str, NamingName]:
         for naming in v:
-            if naming not in NAMINGS:
-                raise ValueError(f"unknown naming {naming!r}; known namings: {', '.join(NAMINGS)}")
+            _known_naming(naming)
         return v
 
     @field_validator("pattern")
@@ -265,9 +270,7 @@ class Preset(_Strict):
     @field_validator("naming")
     @classmethod
     def _naming(cls, v: str) -> str:
-        if v not in NAMINGS:
-            raise ValueError(f"unknown naming {v!r}; known namings: {', '.join(NAMINGS)}")
-        return v
+        return _known_naming(v)
 
     @property
     def namings(self) -> list[str]:
