@@ -123,10 +123,12 @@ BROKEN_OPS = {  # what the op gets wrong -> (op patched, change, command, words 
     "output scale doubled": ("output_average", _scale_twice, ("self-fuse", "llama-a"),
                              ["output block of source", "is scaled by 1, expected 0.5"]),
     "diagonal blocks swapped": ("block_diagonal", _swap_sources, ("fuse", "llama-a", "llama-b"),
-                                ["diagonal block", "differs from what the rule gives"]),
-    "slices swapped": ("concat", _swap_slices, ("fuse", "llama-a", "llama-b"), ["slice of source"]),
+                                ["diagonal block", "differs from what the rule gives", "it holds what diagonal block"]),
+    "slices swapped": ("concat", _swap_slices, ("fuse", "llama-a", "llama-b"),
+                       ["slice of source", "it holds what slice of source"]),
     "noise in the transposed block": ("block_diagonal", _transpose_noise, ("self-fuse", "llama-a", "--noise-std", "0.01"),
-                                      ["off-diagonal block (", "should be the recorded noise"]),
+                                      ["off-diagonal block (", "should be the recorded noise",
+                                       "it holds what off-diagonal block ("]),
     "compensation along the output axis": ("block_diagonal", _other_input_axis,
                                            ("self-fuse", "llama-a", "--times", "3", "--noise-scale", "0.05",
                                             "--noise-mode", "preserving"), ["diagonal block"]),
@@ -165,6 +167,7 @@ def test_noise_moved_to_the_other_block_in_the_file(hf_fixtures, tmp_path):
     edit(out, name, swap)
     check = tensor_checks(out)["tensors: decomposition"]
     assert check.status == "fail" and "should be the recorded noise" in check.message
+    assert "it holds what off-diagonal block (" in check.message
     assert set(check.figures["blocks_differing"]) == {"off-diagonal block (1, 2)", "off-diagonal block (2, 1)"}
 
 

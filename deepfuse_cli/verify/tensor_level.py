@@ -19,7 +19,7 @@ plan's layout (the stored tensor transposed back), so the diagnosis speaks of th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -202,21 +202,40 @@ def _fitted_scale(block: Block, actual: torch.Tensor, sources: list[torch.Tensor
     return num / den if den else float("nan")
 
 
-def diagnose(verdict: Verdict, actual: torch.Tensor, sources: list[torch.Tensor], op: str) -> str:
-    """One line naming the block that differs and how."""
+def _holds_instead(verdict: Verdict, blocks: list[Block], lay: Layout, actual: torch.Tensor,
+                   sources: list[torch.Tensor]) -> str:
+    """When a block that differs holds exactly what another block of its kind should (blocks swapped,
+    noise placed in the wrong block), say which."""
+    b = verdict.block
+    for other in blocks:
+        if other is b or other.kind != b.kind or other.shape != b.shape or not other.terms:
+            continue
+        try:
+            if check_block(replace(other, where=b.where), lay, actual, sources, exact=True, tol=0.0).ok:
+                return f"; it holds what {other.label} should"
+        except (_Misplaced, _SourceNonFinite):
+            continue
+    return ""
+
+
+def diagnose(verdict: Verdict, actual: torch.Tensor, sources: list[torch.Tensor], op: str,
+             blocks: list[Block] | None = None, lay: Layout | None = None) -> str:
+    """One line naming the block that differs and how (and, given the tensor's other ``blocks``,
+    whose value it holds instead, when it holds another block's)."""
     b, err = verdict.block, verdict.err
     where = f" at {list(verdict.index)}" if verdict.index else ""
+    instead = _holds_instead(verdict, blocks, lay, actual, sources) if blocks and lay else ""
     if b.kind == "output":
         ratio = _fitted_scale(b, actual, sources)
         return (f"{b.label} is scaled by {ratio:.6g}, expected {b.scale:.6g} (weight x output scale); "
                 f"max abs error {err:.3g}{where}")
     if b.kind == "diagonal":
-        return f"{b.label} differs from what the rule gives (max abs {err:.3g}{where})"
+        return f"{b.label} differs from what the rule gives (max abs {err:.3g}{where}){instead}"
     if b.kind == "off-diagonal":
         want = "the recorded noise" if b.terms else "zero"
-        return f"{b.label} should be {want} (max abs error {err:.3g}{where})"
+        return f"{b.label} should be {want} (max abs error {err:.3g}{where}){instead}"
     if b.kind == "slice":
-        return f"{b.label} differs (max abs {err:.3g}{where})"
+        return f"{b.label} differs (max abs {err:.3g}{where}){instead}"
     return f"differs from the {op} of the sources (max abs {err:.3g}{where})"
 
 
@@ -300,7 +319,7 @@ def _verify_entry(plan: Plan, entry: PlanEntry, ref, out_name: str, strict: bool
         worst = max(failed, key=lambda v: v.err)
         more = len(failed) - 1
         others = f"; {more} more of its {len(blocks)} blocks differ{'s' if more == 1 else ''}" if more else ""
-        check = _fail(f"tensor {entry.name!r}: {diagnose(worst, actual, sources, entry.rule.op)}{others}",
+        check = _fail(f"tensor {entry.name!r}: {diagnose(worst, actual, sources, entry.rule.op, blocks, lay)}{others}",
                       tensor=entry.name, max_abs_error=err, rule=entry.rule_index, op=entry.rule.op,
                       block=worst.block.label, blocks_differing=[v.block.label for v in failed])
     if entry.nbytes >= TRIM_AFTER_BYTES:
