@@ -329,3 +329,17 @@ def test_noise_std_from_noise_scale_is_the_rms_of_the_sources(hf_fixtures, tmp_p
     check = tensor_checks(out)
     assert check["tensors: decomposition"].status == "fail"
     assert "should be the recorded noise" in check["tensors: decomposition"].message
+
+
+def test_transposed_conversion_diagnosed_in_the_plans_layout(tmp_path):
+    """T5X kernels [in, out] written as transformers weights [out, in]: a value in a zero block of the
+    stored tensor is reported at its place in the plan's (T5X) layout."""
+    from .conftest import FIXTURES
+
+    out = tmp_path / "hf"
+    cli("self-fuse", FIXTURES / "t5x" / "legacy-a", "--times", "2", "--to", "safetensors", "-o", out, "-q")
+    name = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"  # stored [2 x mlp 24, 2 x emb 16]
+    edit(out, name, lambda t: t.index_put_((torch.tensor([0]), torch.tensor([16 + 1])), torch.tensor(3.0)))
+    check = tensor_checks(out)["tensors: decomposition"]
+    assert check.status == "fail" and check.figures["tensor"] == "target/encoder/layers_0/mlp/wi_0/kernel"
+    assert "off-diagonal block (2, 1) should be zero (max abs error 3 at [17, 0])" in check.message
