@@ -16,9 +16,10 @@ layout, i.e. the sources' naming and axis order) and what every block must equal
 
 * no noise: N(i,j) = 0; ``offdiag`` noise: N(i,j) = std * the Gaussian stream seeded by
   (seed, tensor name, (i, j)), in row-major order over the block (DESIGN section 4);
-* ``preserving`` noise (self-fusion): along the input axis, block a feeds output block b through
-  N(a, b); so that n equal input copies give each output block exactly ``x W``, the diagonal is
-  ``W_b - sum_{a != b} N(a, b)`` (the noise subtracted one block at a time, in source order).
+* ``preserving`` noise (self-fusion): input block a reaches output block b through the block at
+  input-axis block a and output-axis block b, written N[a -> b] (key (a, b) when the input axis is
+  a0, (b, a) when it is a1). So that n equal input copies give each output block exactly ``x W``,
+  the diagonal is ``W_b - sum_{a != b} N[a -> b]`` (subtracted one block at a time, in source order).
 
 ``concat``: slice m of the widened axis is source m. ``split_fuse_concat``: the 'qkv' axis holds
 ``parts`` equal parts (GPT-2's q|k|v); part p of the fused tensor is the block-diagonal (noise keys
@@ -27,7 +28,7 @@ hidden axis is ``w_m x output_scale_m x source m`` (the average of logits). ``bi
 ``sum_m w_m b_m``. ``passthrough_identical``: source 1.
 
 An op without an entry in :data:`DECOMPOSITIONS` cannot be verified: :func:`decompose` raises
-:class:`UnknownOp`, which the tensor-level check reports as a failure.
+:class:`CannotDecompose`, which the tensor-level check reports as a failure.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ BlockKind = Literal["diagonal", "off-diagonal", "slice", "output", "whole"]
 Region = tuple[slice, ...]
 
 
-class UnknownOp(LookupError):
-    """A rule op this module has no decomposition for: the tensor cannot be verified."""
+class CannotDecompose(LookupError):
+    """The blocks of a tensor cannot be stated (an op without a decomposition here, or a plan without
+    what its op needs): the tensor cannot be verified, and the check fails."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ def split_fuse_concat(lay: Layout) -> list[Block]:
 def output_average(lay: Layout) -> list[Block]:
     """Projection to logits: source m's slice of the hidden axis times w_m x output scale_m."""
     if lay.scales is None or len(lay.scales) != lay.n:
-        raise UnknownOp(f"output_average needs one scale per source, the plan has {lay.scales}")
+        raise CannotDecompose(f"output_average needs one scale per source, the plan has {lay.scales}")
     axis = lay.rule.widened_axes[0]
     return _slices(lay, _whole(lay), axis, 0, None, scales=lay.scales)
 
@@ -278,9 +280,9 @@ def decompose(lay: Layout) -> list[Block]:
     try:
         blocks_of = DECOMPOSITIONS[lay.rule.op]
     except KeyError:
-        raise UnknownOp(f"verify knows no decomposition for op {lay.rule.op!r}") from None
+        raise CannotDecompose(f"verify knows no decomposition for op {lay.rule.op!r}") from None
     blocks = blocks_of(lay)
     covered = sum(math.prod(b.shape) for b in blocks)
     if covered != math.prod(lay.shape):  # a decomposition must tile the tensor
-        raise UnknownOp(f"the blocks of op {lay.rule.op!r} cover {covered} of {math.prod(lay.shape)} elements")
+        raise CannotDecompose(f"the blocks of op {lay.rule.op!r} cover {covered} of {math.prod(lay.shape)} elements")
     return blocks

@@ -28,7 +28,7 @@ from ..ir import Checkpoint
 from ..memory import TRIM_AFTER_BYTES, release_free_memory
 from ..ops import GaussianStream, rms
 from ..plan import Plan, PlanEntry
-from .decompose import Block, Layout, Noise, UnknownOp, decompose
+from .decompose import Block, Layout, Noise, CannotDecompose, decompose
 from .report import Check
 
 HALF = (torch.float16, torch.bfloat16)
@@ -291,7 +291,7 @@ def _verify_entry(plan: Plan, entry: PlanEntry, ref, out_name: str, strict: bool
     lay = layout(plan, entry, sources)
     try:
         blocks = decompose(lay)
-    except UnknownOp as exc:
+    except CannotDecompose as exc:
         return _fail(f"tensor {entry.name!r} cannot be verified: {exc} (rules[{entry.rule_index}])",
                      tensor=entry.name, rule=entry.rule_index, op=entry.rule.op), 0.0
     actual = ref.load()
