@@ -7,9 +7,9 @@ the fusion ops that wrote the checkpoint, so a wrong axis, scale or block placem
 caught and named.
 
 At I/O speed, in bounded memory: each fused tensor is read once, each source tensor once (a
-self-fusion's copies are one tensor), and each block is compared slab by slab (a few MiB of its
-rows at a time, the noise drawn in the same pieces) as a view of the fused tensor; no recomputed
-fused tensor is ever built. A block passes when it equals its expected value exactly (``strict``,
+self-fusion's copies are one tensor), and each block is compared as a view of the fused tensor:
+whole when it should be zero or a source's own slice, else slab by slab (``SLAB_BYTES`` of its
+rows at a time, the noise drawn in the same pieces); no recomputed fused tensor is ever built. A block passes when it equals its expected value exactly (``strict``,
 or a dtype without a tolerance), or within ``tol`` (default :func:`default_tensor_tol`) of the
 largest magnitude the block should hold. NaN/Inf of sources fused with ``--allow-nonfinite`` must
 sit exactly where the sources put them. T5X <-> transformers conversions are compared in the
@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import InputError
-from ..ir import Checkpoint
+from ..ir import Checkpoint, TensorRef
 from ..memory import TRIM_AFTER_BYTES, release_free_memory
 from ..ops import GaussianStream, rms
 from ..plan import Plan, PlanEntry
-from .decompose import Block, Layout, Noise, CannotDecompose, decompose
+from .decompose import Block, CannotDecompose, Layout, Noise, decompose
 from .report import Check
 
 HALF = (torch.float16, torch.bfloat16)
@@ -279,7 +279,7 @@ def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | Non
     return checks
 
 
-def _verify_entry(plan: Plan, entry: PlanEntry, ref, out_name: str, strict: bool,
+def _verify_entry(plan: Plan, entry: PlanEntry, ref: TensorRef, out_name: str, strict: bool,
                   tol: float | None) -> tuple[Check | None, float]:
     """One fused tensor, block by block: (a failed check or None, its largest absolute error)."""
     want = plan.conversion.out_shape(entry.name, layout(plan, entry).shape)  # the shape the rule gives
