@@ -19,6 +19,8 @@ plan's layout (the stored tensor transposed back), so the diagnosis speaks of th
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -264,12 +266,13 @@ def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | Non
         return checks
     checks.append(Check("tensors: names", "pass", f"{len(planned)} tensors, as the rules plan them"))
     worst = 0.0
-    for out_name, entry in planned.items():
-        failure, err = _verify_entry(plan, entry, fused.tensors[out_name], out_name, strict, tol)
-        if failure is not None:
-            checks.append(failure)
-            return checks
-        worst = max(worst, err)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="deepfuse-verify") as pool:
+        for out_name, entry in planned.items():
+            failure, err = _verify_entry(plan, entry, fused.tensors[out_name], out_name, strict, tol, pool)
+            if failure is not None:
+                checks.append(failure)
+                return checks
+            worst = max(worst, err)
     noise = plan.options.describe_noise()
     checks.append(Check("tensors: decomposition", "pass",
                         f"every tensor decomposes into its sources as its rule says (noise: {noise['mode']})",
@@ -280,8 +283,9 @@ def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | Non
 
 
 def _verify_entry(plan: Plan, entry: PlanEntry, ref: TensorRef, out_name: str, strict: bool,
-                  tol: float | None) -> tuple[Check | None, float]:
-    """One fused tensor, block by block: (a failed check or None, its largest absolute error)."""
+                  tol: float | None, pool: Executor | None = None) -> tuple[Check | None, float]:
+    """One fused tensor, block by block (blocks with noise checked side by side on ``pool``: drawing
+    the noise again is most of their cost): (a failed check or None, its largest absolute error)."""
     want = plan.conversion.out_shape(entry.name, layout(plan, entry).shape)  # the shape the rule gives
     if tuple(ref.shape) != want:
         return _fail(f"tensor {out_name!r} has shape {list(ref.shape)}, expected {list(want)}", tensor=out_name), 0.0
@@ -299,11 +303,15 @@ def _verify_entry(plan: Plan, entry: PlanEntry, ref: TensorRef, out_name: str, s
         actual = actual.t()
     exact = strict or actual.dtype not in TOLERANT
     limit = tol if tol is not None else default_tensor_tol(actual.dtype)
-    verdicts = []
+    def check(block: Block) -> Verdict:
+        return check_block(block, lay, actual, sources, exact=exact, tol=limit,
+                           allow_nonfinite=plan.options.allow_nonfinite)
+
     try:
-        for block in blocks:
-            verdicts.append(check_block(block, lay, actual, sources, exact=exact, tol=limit,
-                                        allow_nonfinite=plan.options.allow_nonfinite))
+        if pool is not None and lay.noise is not None:
+            verdicts = list(pool.map(check, blocks))
+        else:
+            verdicts = [check(block) for block in blocks]
     except _Misplaced:
         return _fail(f"tensor {out_name!r}: non-finite values are not where the sources put them",
                      tensor=out_name), 0.0
