@@ -303,6 +303,7 @@ def _verify_entry(plan: Plan, entry: PlanEntry, ref: TensorRef, out_name: str, s
         actual = actual.t()
     exact = strict or actual.dtype not in TOLERANT
     limit = tol if tol is not None else default_tensor_tol(actual.dtype)
+
     def check(block: Block) -> Verdict:
         return check_block(block, lay, actual, sources, exact=exact, tol=limit,
                            allow_nonfinite=plan.options.allow_nonfinite)
