@@ -419,6 +419,7 @@ def verify(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (plot as PNG beside it).")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one test case per check).")] = None,
     integrity_only: Annotated[bool, typer.Option("--integrity-only", help="Only check the manifest's file digests (no sources).")] = False,
+    function: Annotated[bool, typer.Option("--function/--no-function", help="Run the function-level check (--no-function: integrity and tensor level only; the report says the function check was skipped).")] = True,
     as_json: JsonOpt = False,
 ):
     """Prove FUSED computes the fusion of its sources: integrity, tensor level, function level.
@@ -431,7 +432,7 @@ def verify(
         _check_report_path(flag, path)
     result = run_verify(fused, VerifyOptions.parse(sources=sources, times=times, rules=rules, probes=probes,
                                                    seq_len=seq_len, seed=seed, tol=tol, strict=strict,
-                                                   integrity_only=integrity_only))
+                                                   integrity_only=integrity_only, function=function))
     _emit_verify(result, report, markdown, junit, as_json)
 
 

@@ -199,3 +199,10 @@ def test_ruleset_reports_the_layer_it_matched():
     rs = RuleSet(load_preset("llama"))
     (m,) = rs.claims("model.layers.12.mlp.down_proj.weight")
     assert m.layer == "12"
+
+
+def test_no_function_is_reported_as_skipped(tmp_path):
+    cli("self-fuse", FIXTURES / "hf" / "mlp-a", "--times", 2, "-o", tmp_path / "out", "-q")
+    report = json.loads(cli("verify", tmp_path / "out", "--no-function", "--json"))
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    assert checks["function"] == "skip" and checks["tensors: decomposition"] == "pass"

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from deepfuse_cli import fuse, ops
+from deepfuse_cli import compute, fuse, ops
+from deepfuse_cli.ops.noise import OffDiagonalNoise
+from deepfuse_cli.ops.registry import FuseContext
 from deepfuse_cli.rules.schema import Rule
 from deepfuse_cli.verify import VerifyOptions
 from deepfuse_cli.verify import run as verify_run
@@ -74,6 +77,7 @@ def test_tensor_level_never_runs_the_fusion(hf_fixtures, tmp_path, monkeypatch):
         if event == "call" and frame.f_code.co_filename.startswith(OPS_CODE):
             ran.add(frame.f_code.co_name)
 
+    monkeypatch.setattr(compute, "compute_tensor", refuse)
     monkeypatch.setattr(fuse, "compute_tensor", refuse)
     real = verify_run.verify_tensors
 
@@ -93,51 +97,49 @@ def test_tensor_level_never_runs_the_fusion(hf_fixtures, tmp_path, monkeypatch):
     assert ran and ran <= NOISE_DEFINITION, ran - NOISE_DEFINITION
 
 
-def test_tensor_level_does_not_import_fuse():
-    code = ("import sys, deepfuse_cli.verify.tensor_level, deepfuse_cli.verify.decompose; "
-            "print('deepfuse_cli.fuse' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
-
-
 def _patched(monkeypatch, name: str, change):
-    """Replace ``ops.<name>`` and ``ops.<name>_rows`` (the materialising and the streaming variant of
-    one op) by ``change(original)``: fuse writes with it, and a recomputation would agree."""
-    variants = [v for v in (name, f"{name}_rows") if hasattr(ops, v)]
-    assert variants, f"ops.{name} has moved: point this test at the op's implementation"
-    for variant in variants:
-        monkeypatch.setattr(ops, variant, change(getattr(ops, variant)))
+    """Replace the registered op ``name``'s row blocks by ``change(original)(tensors, rule, ctx)``: fuse
+    writes with the broken op, and a recomputation with it would agree."""
+    op = ops.get(name)
+    monkeypatch.setattr(type(op), "rows", change(type(op).rows))
 
 
 def _scale_twice(orig):
-    return lambda tensors, axis, weights, **kw: orig(tensors, axis, [2 * w for w in weights], **kw)
-
-
-def _swap_sources(orig):
-    return lambda tensors, *args, **kw: orig(list(reversed(tensors)), *args, **kw)
-
-
-def _swap_slices(orig):  # concatenation only, not the output average built on it
-    def call(tensors, axis, scales=None, **kw):
-        return orig(list(reversed(tensors)) if scales is None else tensors, axis, scales, **kw)
+    def call(self, tensors, rule, ctx):
+        return orig(self, tensors, rule, replace(ctx, scales=[2 * s for s in ctx.scales]))
     return call
 
 
+def _swap_sources(orig):
+    return lambda self, tensors, rule, ctx: orig(self, list(reversed(tensors)), rule, ctx)
+
+
+_swap_slices = _swap_sources  # the concat op only (the output average is an op of its own)
+
+
+class _TransposedNoise:
+    """The noise of block (j, i) where block (i, j) is asked for."""
+
+    def __init__(self, noise):
+        self._noise, self.preserving = noise, noise.preserving
+
+    def stream(self, i, j, numel):
+        return self._noise.stream(j, i, numel)
+
+    def part(self, k):
+        return _TransposedNoise(self._noise.part(k))
+
+
 def _transpose_noise(orig):
-    def call(tensors, axes, *args, **kw):
-        if kw.get("offdiag"):
-            kw["offdiag"] = lambda i, j, shape, f=kw["offdiag"]: f(j, i, shape)
-        if kw.get("noise"):
-            kw["noise"] = lambda i, j, numel, f=kw["noise"]: f(j, i, numel)
-        return orig(tensors, axes, *args, **kw)
+    def call(self, tensors, rule, ctx):
+        return orig(self, tensors, rule, replace(ctx, noise=_TransposedNoise(ctx.noise)) if ctx.noise else ctx)
     return call
 
 
 def _other_input_axis(orig):
-    def call(tensors, axes, *args, **kw):
-        if kw.get("preserving_input_axis") is not None:
-            kw["preserving_input_axis"] = axes[1] if kw["preserving_input_axis"] == axes[0] else axes[0]
-        return orig(tensors, axes, *args, **kw)
+    def call(self, tensors, rule, ctx):
+        a0, a1 = rule.widened_axes
+        return orig(self, tensors, rule.model_copy(update={"input_axis": a1 if rule.input_axis == a0 else a0}), ctx)
     return call
 
 
@@ -172,7 +174,7 @@ def test_a_wrong_fusion_op_is_caught_where_a_mirror_agrees(what, hf_fixtures, tm
         assert w in check.message, check.message
     plan, fused_ck = captured["plan"], captured["fused"]
     entry = next(e for e in plan.entries if e.name == tensor)
-    mirror = fuse.compute_tensor(plan, entry)  # what the former check compared with: the same broken op
+    mirror = compute.compute_tensor(plan, entry)  # what the former check compared with: the same broken op
     assert torch.equal(mirror.to(entry.dtype), fused_ck.tensors[tensor].load())
 
 
@@ -286,28 +288,13 @@ def fusions(draw):
 
 
 def _fuse_with_ops(lay: Layout, sources, dtype):
-    rule, noise = lay.rule, lay.noise
-    widened = rule.widened_axes
-
-    def diag(pieces, part=None):
-        offdiag = None
-        if noise is not None:
-            def offdiag(i, j, shape):
-                return ops.gaussian(noise.seed, lay.name, (i, j) if part is None else (part, i, j), shape, noise.std)
-        return ops.block_diagonal(pieces, tuple(widened), offdiag=offdiag, dtype=dtype,
-                                  preserving_input_axis=rule.input_axis if noise and noise.preserving else None)
-
-    if rule.op == "block_diagonal":
-        return diag(sources)
-    if rule.op == "split_fuse_concat":
-        ax = rule.axes.index("qkv")
-        inner = diag if len(widened) == 2 else (lambda pieces, part: ops.concat(pieces, ax, dtype=dtype))
-        return ops.split_fuse_concat(sources, ax, rule.parts, inner)
-    if rule.op == "concat":
-        return ops.concat(sources, widened[0], dtype=dtype)
-    if rule.op == "output_average":
-        return ops.output_average(sources, widened[0], lay.scales, dtype=dtype)
-    return ops.bias_average(sources, lay.weights, dtype=dtype)
+    """The fused value the registered op computes (its row blocks, gathered)."""
+    noise = lay.noise
+    ctx = FuseContext(dtype=dtype, weights=lay.weights, scales=lay.scales,
+                      noise=None if noise is None else OffDiagonalNoise(noise.seed, lay.name, noise.std,
+                                                                         preserving=noise.preserving))
+    blocks = [b.clone() for b in ops.get(lay.rule.op).rows(sources, lay.rule, ctx)]  # ring buffers are reused
+    return blocks[0] if len(blocks) == 1 and blocks[0].dim() == 0 else torch.cat(blocks)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -219,8 +219,13 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     if options.allow_nonfinite:
         report.add(Check("function", "skip", "sources hold NaN/Inf (fused with --allow-nonfinite, recorded in the "
                          "manifest): no function to compare; tensor level only"))
-    elif opts.function and fused.is_dir() and not plan.options.convert_only:
-        for check in verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes, seq_len=opts.seq_len, seed=opts.seed,
-                                     tol=opts.tol, strict=opts.strict):
+    elif not opts.function:
+        report.add(Check("function", "skip", "not run (--no-function): integrity and tensor level only"))
+    elif not fused.is_dir():
+        report.add(Check("function", "skip", f"{fused} is a bare file, not a directory a runtime loads; "
+                         "tensor level only"))
+    elif not plan.options.convert_only:  # a conversion's function is its source's: the tensor level proves it
+        for check in verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes,
+                                     seq_len=opts.seq_len, seed=opts.seed, tol=opts.tol, strict=opts.strict):
             report.add(check)
     return report

@@ -22,6 +22,7 @@ import math
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,9 +30,11 @@ from ..errors import InputError
 from ..ir import Checkpoint, TensorRef
 from ..memory import TRIM_AFTER_BYTES, release_free_memory
 from ..ops import GaussianStream, rms
-from ..plan import Plan, PlanEntry
 from .decompose import Block, CannotDecompose, Layout, Noise, decompose
 from .report import Check
+
+if TYPE_CHECKING:
+    from ..plan import Plan, PlanEntry
 
 HALF = (torch.float16, torch.bfloat16)
 #: dtypes judged with a tolerance (unless ``strict``); any other dtype must match exactly
