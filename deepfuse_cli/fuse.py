@@ -14,14 +14,13 @@ import ctypes
 import errno
 import fcntl
 import functools
-import json
 import os
 import queue
 import shutil
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, ops
-from .errors import InputError, UsageError
+from .errors import UsageError
 from .formats.adapter import OutputInfo
 from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file

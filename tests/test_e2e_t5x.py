@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepfuse_cli.sources import open_source
 from deepfuse_cli.grouped_norm import apply_grouped_norms
+from deepfuse_cli.sources import open_source
 
 from .conftest import FIXTURES
 from .helpers import assert_fused_function, cli, digest_tree, load, probe, run

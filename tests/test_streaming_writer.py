@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from deepfuse_cli import ops
+from deepfuse_cli.compute import compute_tensor
 from deepfuse_cli.errors import InputError
 from deepfuse_cli.formats import open_checkpoint, safetensors_io, staged_file
 from deepfuse_cli.formats.base import CheckpointWriter, OutputTensor
 from deepfuse_cli.formats.hf import HFWriter
-from deepfuse_cli.compute import compute_tensor
 from deepfuse_cli.fuse import write_plan
 from deepfuse_cli.plan import FuseOptions, build_plan
 
