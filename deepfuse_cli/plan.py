@@ -253,7 +253,26 @@ def resolve_preset(sources: list[Checkpoint], rules: Preset | None) -> Preset:
                     "all sources must share one architecture family",
                 )
         rules = presets[0]
+    else:
+        check_model_types(sources, rules)
     return rules.for_naming(naming) if naming != rules.naming and naming in rules.namings else rules
+
+
+def check_model_types(sources: list[Checkpoint], rules: Preset) -> None:
+    """Rules given by name or file serve the ``model_type`` values they list: a source whose config.json
+    names another one is refused (a preset for one family silently misreads another's tensors). Rules
+    that list no model_type (a user's file) serve any source, and so does a source without one."""
+    if not rules.model_types:
+        return
+    for m, ck in enumerate(sources):
+        model_type = (ck.config or {}).get("model_type")
+        if isinstance(model_type, str) and model_type not in rules.model_types:
+            raise InputError(
+                f"{_origin(ck, m)} is a {model_type!r} model (config.json model_type) but rules {rules.name!r} "
+                f"serve model_type {', '.join(repr(t) for t in rules.model_types)}",
+                f"leave out --rules to use the family's preset, or use a rules file that lists {model_type!r} "
+                "in its model_types",
+            )
 
 
 def source_configs(sources: list[Checkpoint], family: Family) -> list[dict | None]:
@@ -352,6 +371,25 @@ def _norm_groups(entries: list[PlanEntry]) -> list[int]:
     return []
 
 
+def _check_groupable_norms(entries: list[PlanEntry], groups: list[int]) -> None:
+    """``--norm prop`` records one grouping, the sources' hidden widths, and the grouped norm module
+    normalises those slices; a norm over another axis whose per-source widths differ (OLMo 2's k_norm
+    under grouped-query attention: kv_heads * head_dim) would stay a norm over the concatenation, and
+    the checkpoint would claim an exactness it does not have. Refused instead."""
+    for e in entries:
+        if not e.rule.norm:
+            continue
+        for ax in e.rule.widened_axes:
+            widths = [s[ax] for s in e.source_shapes]
+            if widths != groups:
+                raise InputError(
+                    f"tensor {e.name!r} is a norm over the {e.rule.axes[ax]!r} axis ({'+'.join(map(str, widths))} "
+                    f"per source), which --norm prop cannot group: grouped norms normalise the slices of the hidden "
+                    f"size ({'+'.join(map(str, groups))})",
+                    "fuse with --norm rule (approximate for different sources; deepfuse verify measures by how much)",
+                )
+
+
 def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | None = None) -> Plan:
     """The plan of fusing ``sources`` with ``options`` (validated when they were made), fitted to
     ``options.max_memory`` if given."""
@@ -434,6 +472,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
+    if options.norm == "prop" and n > 1 and not options.self_fusion:
+        _check_groupable_norms(entries, groups)
     plan = Plan(sources=sources, preset=preset, options=options, entries=entries, tensors=tensors,
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
                 weights_rescaled=options.weights_rescaled)

@@ -15,7 +15,8 @@ from deepfuse_cli.rules.engine import parse_preset
 from .helpers import assert_fused_function, cli, load, probe, run
 
 PRESET_FIXTURES = {"llama": ["llama-a", "qwen2-a", "mistral-a", "llama-tied-a"], "gpt2": ["gpt2-a"],
-                   "t5": ["t5v11-a", "t5v10-a"], "mlp": ["mlp-a"]}
+                   "t5": ["t5v11-a", "t5v10-a"], "mlp": ["mlp-a"], "qwen3": ["qwen3-a"],
+                   "starcoder2": ["starcoder2-a"], "olmo2": ["olmo2-a"], "gpt_neox": ["gpt_neox-a"], "opt": ["opt-a"]}
 
 
 def test_every_preset_is_valid_and_has_a_fixture():
@@ -119,7 +120,7 @@ OPT_RULES = {
 
 
 def test_user_rules_file_for_an_unshipped_architecture(tmp_path):
-    """OPT is not shipped: a user writes its rules; the fused model runs in transformers' OPT."""
+    """A user writes OPT rules (listing no model_type); the fused model runs in transformers' OPT."""
     from transformers import OPTConfig, OPTForCausalLM
 
     cfg = OPTConfig(vocab_size=64, hidden_size=16, num_attention_heads=4, ffn_dim=24, num_hidden_layers=2,
@@ -139,9 +140,10 @@ def test_user_rules_file_for_an_unshipped_architecture(tmp_path):
     assert fused.config.hidden_size == 32 and fused.config.num_attention_heads == 8
     logits, hidden = run(fused, probe())
     assert_fused_function(logits, hidden, [run(load(tmp_path / "opt"), probe())] * 2, [0.5, 0.5])
-    # without --rules the family is unknown
-    out = cli("self-fuse", tmp_path / "opt", "-o", tmp_path / "x", expect=2)
-    assert "unknown architecture family" in out and "--rules" in out
+    # without --rules the shipped opt preset fuses it to the same weights and config
+    cli("self-fuse", tmp_path / "opt", "--times", 2, "-o", tmp_path / "shipped", "-q")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "shipped" / name).read_bytes() == (tmp_path / "fused" / name).read_bytes()
 
 
 def test_parse_preset_reports_json_errors():
