@@ -258,7 +258,9 @@ class NormSpec(_Strict):
 class Preset(_Strict):
     name: str
     description: str = ""
-    model_types: list[str] = Field(default_factory=list)
+    model_types: list[str] = Field(
+        default_factory=list, description="config.json model_type values served; with --rules, a source of another "
+        "model_type is refused (empty: any)")
     architecture: str | None = Field(default=None, description="module of code hooks in deepfuse_cli.architectures")
     naming: str = Field(default="hf", description="the naming the patterns are written in")
     runtime: RuntimeSpec | None = None
