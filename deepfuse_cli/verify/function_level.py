@@ -48,7 +48,8 @@ MAX_TEXT_BYTES = 4 << 20
 
 
 class RuntimeRefused(Exception):
-    """The runtime loaded a model, but not the weights it was given (missing, unexpected or mismatched keys)."""
+    """The runtime built the model, but the weights do not fit it (missing, unexpected or mismatched keys);
+    the message says which, in one line."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,13 @@ def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int,
 
 
 def _describe(exc: BaseException) -> str:
-    """One line (at most 300 characters) for an error the runtime raised."""
+    """One line for an error the runtime raised (its own text cut at 300 characters)."""
     if isinstance(exc, DeepfuseError):
         return exc.message
+    if isinstance(exc, RuntimeRefused):
+        return str(exc)
     text = " ".join(str(exc).split())
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return text if isinstance(exc, RuntimeRefused) else f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
 
 
 def _keys(names) -> str:
@@ -177,7 +179,7 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
     problems = _loading_problems(info)
     if problems:
         del model
-        raise RuntimeRefused(f"transformers {runtime.model_class} reports {problems}")
+        raise RuntimeRefused(problems)
     model.eval()
     if groups:
         apply_grouped_norms(model, groups)

@@ -1,5 +1,8 @@
 """Tensor-level verification: every fused tensor, block by block, against the sources.
 
+Three checks, each needing the one before (``report.NEEDS``): the names of the fused tensors are the
+planned ones; their shapes (in the output's layout) and dtypes are; their blocks hold what they should.
+
 A second opinion, not a mirror: the blocks of each fused tensor and what each must equal come
 from :mod:`.decompose` (the mathematics of DESIGN sections 2-4), and the noise from its
 definition (``ops.GaussianStream`` seeded by seed, tensor name and block key); nothing here calls
