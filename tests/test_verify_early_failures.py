@@ -132,7 +132,7 @@ def test_early_failure_skips_what_needs_it(case, fused, tmp_path):
     result, data = verify(out)
     line = one_error_line(result, 1)
     assert line.startswith(f"error: {out}: {failed}: ") and says in line, line
-    assert data is not None and data["passed"] is False
+    assert data is not None and data["passed"] is False and data["failed"] == failed
     checks = {c["name"]: c for c in data["checks"]}
     assert checks["integrity"]["status"] == "pass"
     assert checks[failed]["status"] == "fail" and says in checks[failed]["message"]
@@ -153,6 +153,7 @@ def test_report_files_name_the_failed_and_skipped_checks(fused, tmp_path):
     data = json.loads(report.read_text())
     assert {c["name"]: c["status"] for c in data["checks"]}["function"] == "skip"
     assert 'failures="1"' in junit.read_text() and "tensors: names failed" in junit.read_text()
+    assert "Failed: `tensors: names`" in md.read_text()
     assert "| function | skip | tensors: names failed |" in md.read_text()
 
 
@@ -304,3 +305,24 @@ def test_text_for_a_family_probed_with_features_is_refused(tmp_path):
     sample = tmp_path / "sample.txt"
     sample.write_text(words(20))
     clean_refusal(runner.invoke(app, ["verify", str(out), "--text", str(sample)]), ["--text", "feature vectors"])
+
+
+def test_text_ids_must_be_in_the_vocabulary(tmp_path):
+    from deepfuse_cli.errors import InputError
+    from deepfuse_cli.verify.function_level import tokenize_text
+
+    sample = tmp_path / "sample.txt"
+    sample.write_text("w1 w2 w30")
+    assert tokenize_text(sample, [HF / "llama-a"], 64).ids == (4, 5, 33)
+    with pytest.raises(InputError, match="gives token id 33, but the model's vocabulary has 20 entries"):
+        tokenize_text(sample, [HF / "llama-a"], 20)
+
+
+def test_a_long_text_is_read_from_its_start(tmp_path, monkeypatch):
+    from deepfuse_cli.verify import function_level
+
+    monkeypatch.setattr(function_level, "MAX_TEXT_BYTES", 14)
+    sample = tmp_path / "sample.txt"
+    sample.write_text("w1 w2 w3 w4 w\u00e9 " + words(1000))  # 14 bytes end inside the two-byte character
+    tokens = function_level.tokenize_text(sample, [HF / "llama-a"], 64)
+    assert tokens.truncated and tokens.ids == (4, 5, 6, 7, 2)  # the half character dropped; "w" is <unk>

@@ -44,7 +44,7 @@ Outputs = tuple[torch.Tensor, list[torch.Tensor]]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "vocab.txt")
 #: the most of a ``--text`` file read: far more text than the most probe tokens verify runs
-MAX_TEXT_BYTES = 4 << 20
+MAX_TEXT_BYTES = 1 << 20
 
 
 class RuntimeRefused(Exception):

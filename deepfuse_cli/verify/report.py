@@ -88,7 +88,9 @@ class Report:
         return next((c for c in self.checks if c.status == "fail"), None)
 
     def to_json(self) -> dict[str, Any]:
+        failed = self.first_failure
         return {"fused": self.fused, "sources": self.sources, "passed": self.passed,
+                "failed": failed.name if failed else None,
                 "checks": [asdict(c) for c in self.checks], "layers": self.layers, "meta": self.meta}
 
     def write_json(self, path: Path) -> None:
@@ -114,8 +116,10 @@ class Report:
     def write_markdown(self, path: Path) -> None:
         path = Path(path)
         lines = [f"# deepfuse verify: {'PASS' if self.passed else 'FAIL'}", "",
-                 f"Fused checkpoint: `{self.fused}`", "", "Sources: " + ", ".join(f"`{s}`" for s in self.sources), "",
-                 "| check | status | message |", "|---|---|---|"]
+                 f"Fused checkpoint: `{self.fused}`", "", "Sources: " + ", ".join(f"`{s}`" for s in self.sources), ""]
+        if self.first_failure is not None:
+            lines += [f"Failed: `{self.first_failure.name}` (the checks that need it are skipped)", ""]
+        lines += ["| check | status | message |", "|---|---|---|"]
         for c in self.checks:
             lines.append(f"| {c.name} | {c.status} | {c.message.replace('|', '/')} |")
         if self.layers:

@@ -108,9 +108,8 @@ def _short(value) -> str:
 def check_config(plan: Plan, fused: Checkpoint, options_known: bool) -> Check:
     """The fused ``config.json`` is the one the fusion writes for these sources and options (field by
     field; without a manifest the fields recording the fusion's options are not compared)."""
-    if fused.format != "hf":
-        return Check("config", "skip", f"a {fused.format} checkpoint carries no config.json: the runtime's config "
-                     "is derived from its tensors")
+    if fused.format != "hf":  # a bare weights file, or a train state whose widths follow from its shapes
+        return Check("config", "skip", f"a {fused.format} checkpoint carries no config.json")
     want = plan.output_config
     if want is None:
         return Check("config", "skip", "the sources have no config.json: none to compare")
