@@ -413,6 +413,7 @@ def verify(
     probes: Annotated[int, typer.Option("--probes", help="Probe sequences per forward pass.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Probe length in tokens.")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the probe inputs.")] = 0,
+    text: Annotated[Optional[Path], typer.Option("--text", help="Probe with this text file's tokens (the source's tokenizer, copied into FUSED), split into --probes sequences of --seq-len tokens, instead of seeded random ids.")] = None,
     tol: Annotated[Optional[float], typer.Option("--tol", help="Relative tolerance on logits and hidden states (default by dtype: fp32 1e-5, fp16 5e-3, bf16 3e-2).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Demand exactness: expected deviations (rule-mode norms, noise) fail.")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write every figure as JSON.")] = None,
@@ -432,7 +433,7 @@ def verify(
         _check_report_path(flag, path)
     result = run_verify(fused, VerifyOptions.parse(sources=sources, times=times, rules=rules, probes=probes,
                                                    seq_len=seq_len, seed=seed, tol=tol, strict=strict,
-                                                   integrity_only=integrity_only, function=function))
+                                                   integrity_only=integrity_only, function=function, text=text))
     _emit_verify(result, report, markdown, junit, as_json)
 
 

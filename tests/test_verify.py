@@ -53,7 +53,10 @@ def test_verify_passes_on_fused_fixtures(family, hf_fixtures, tmp_path):
     cli("fuse", hf_fixtures / f"{family}-a", hf_fixtures / f"{family}-b", "--norm", "prop", "-o", tmp_path / "ab", "-q")
     data = verify_json(tmp_path / "ab", "--probes", "2", "--strict")
     assert data["passed"] and "fusion property holds in every layer" in messages(data)
-    assert [c["status"] for c in data["checks"]] == ["pass"] * 4
+    assert [(c["name"], c["status"]) for c in data["checks"]] == [
+        ("integrity", "pass"), ("tensors: names", "pass"), ("tensors: shapes", "pass"),
+        ("tensors: decomposition", "pass"), ("config", "pass"),
+        ("function: logits vs weighted average of sources", "pass")]
 
 
 def test_verify_noise_modes(hf_fixtures, tmp_path):

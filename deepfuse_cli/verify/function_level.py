@@ -1,22 +1,28 @@
-"""Function-level verification: seeded probes through the sources and the fused model.
+"""Function-level verification: probes through the sources and the fused model.
 
 Hugging Face families run in transformers (the runtime users train with; ``deepfuse[verify]``),
 the MLP family in its built-in forward. One model is in memory at a time: each source's logits and
-hidden states are kept, the model dropped, then the fused model runs.
+hidden states are kept, the model dropped, then the fused model runs. Probes are seeded random token
+ids, or a text file's tokens (``--text``, the source's own tokenizer). A fused model the runtime
+refuses or cannot run (a config it rejects, missing keys, shapes that do not match) is a failed check
+with one line saying why, never a traceback.
 """
 
 from __future__ import annotations
 
+import codecs
 import gc
 import math
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..architectures import Family
+from ..errors import DeepfuseError, InputError
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
 from ..rules.schema import RuntimeSpec
@@ -34,16 +40,131 @@ def default_tol(dtype: torch.dtype) -> float:
 
 Outputs = tuple[torch.Tensor, list[torch.Tensor]]
 
+#: files of a Hugging Face tokenizer; a directory holding one of them has a tokenizer for ``--text``
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+#: the most of a ``--text`` file read: far more text than the most probe tokens verify runs
+MAX_TEXT_BYTES = 1 << 20
 
-def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+
+class RuntimeRefused(Exception):
+    """The runtime built the model, but the weights do not fit it (missing, unexpected or mismatched keys);
+    the message says which, in one line."""
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """The token ids of a ``--text`` file, and where they come from (for the report)."""
+
+    ids: tuple[int, ...]
+    file: str  # the text file's name
+    tokenizer: Path  # the directory whose tokenizer made them
+    truncated: bool  # the file was longer than MAX_TEXT_BYTES: its start was read
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _read_text(path: Path) -> tuple[str, bool]:
+    """The file's text (UTF-8; at most its first MAX_TEXT_BYTES, cut at a character boundary)."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "is not a file" if path.exists() else "does not exist"
+        raise InputError(f"--text {path} {what}", "name a plain text file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"--text {path}: cannot read it ({exc.strerror or exc})") from None
+    truncated = len(data) > MAX_TEXT_BYTES
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(data[:MAX_TEXT_BYTES], final=not truncated)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--text {path}: not UTF-8 text (byte {exc.start})", "pass a plain UTF-8 text file") from None
+    return text, truncated
+
+
+def tokenize_text(path: Path, directories: list[Path], vocab: int | None) -> TextTokens:
+    """The ids of ``path``'s text by the tokenizer of the first of ``directories`` that has one (the fused
+    checkpoint's copy, then the sources'), each below ``vocab``; refused (exit 2) when none has one."""
+    where = next((d for d in directories if has_tokenizer(d)), None)
+    if where is None:
+        names = ", ".join(dict.fromkeys(str(d) for d in directories))
+        raise InputError(f"--text: no tokenizer in {names} (none of {', '.join(TOKENIZER_FILES)})",
+                         f"copy the source model's tokenizer files into {directories[0]}, or drop --text to probe "
+                         "with seeded random ids")
+    text, truncated = _read_text(path)
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("--text needs transformers to tokenise", "pip install 'deepfuse[verify]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    except Exception as exc:  # noqa: BLE001 - whatever the tokenizer files make the library raise: one line
+        raise InputError(f"{where}: its tokenizer cannot be loaded or run ({_describe(exc)})",
+                         "fix its tokenizer files, or drop --text to probe with seeded random ids") from None
+    if len(ids) < 2:
+        raise InputError(f"--text {path}: {len(ids)} token(s) with the tokenizer of {where}; probes need at least 2",
+                         "pass a longer text")
+    if vocab is not None and max(ids) >= vocab:
+        raise InputError(f"--text: the tokenizer of {where} gives token id {max(ids)}, but the model's vocabulary "
+                         f"has {vocab} entries", "use the tokenizer that belongs to the model")
+    return TextTokens(ids=tuple(ids), file=path.name, tokenizer=where, truncated=truncated)
+
+
+def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int,
+                  tokens: TextTokens | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The probe inputs (seeded random ids, or consecutive runs of the text's tokens), and how they were made."""
     g = torch.Generator().manual_seed(seed)
     vocab = config.get("vocab_size", 2)
     limit = config.get("n_positions") or config.get("max_position_embeddings") or seq_len
     seq = max(2, min(seq_len, limit))
     low = min(2, vocab - 1)
-    return {"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
-            "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
-            "features": torch.randn(probes, config.get("in_features", 1), generator=g)}
+    if tokens is None:
+        return ({"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
+                 "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
+                 "features": torch.randn(probes, config.get("in_features", 1), generator=g)},
+                {"kind": "random", "seed": seed})
+    seq = min(seq, len(tokens.ids))  # a short text: one shorter probe
+    count = min(probes, len(tokens.ids) // seq)
+    ids = torch.tensor(tokens.ids[:count * seq], dtype=torch.long).view(count, seq)
+    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone()},
+            {"kind": "text", "file": tokens.file, "tokens": len(tokens.ids), "tokens_used": count * seq,
+             "truncated": tokens.truncated, "tokenizer": str(tokens.tokenizer)})
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error the runtime raised (its own text cut at 300 characters)."""
+    if isinstance(exc, DeepfuseError):
+        return exc.message
+    if isinstance(exc, RuntimeRefused):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
+
+
+def _keys(names) -> str:
+    names = sorted(map(str, names))
+    return ", ".join(repr(n) for n in names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def _loading_problems(info: dict) -> str:
+    """What transformers reported about the weights it loaded, in one line ('' when all matched)."""
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"missing keys {_keys(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        parts.append(f"unexpected keys {_keys(info['unexpected_keys'])}")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: str(m[0]))
+    if mismatched:
+        key, *shapes = mismatched[0]
+        where = (f" ({list(shapes[0])} in the checkpoint, {list(shapes[1])} in the model its config describes)"
+                 if len(shapes) == 2 else "")
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        parts.append(f"mismatched shape of {key!r}{where}{more}")
+    return "; ".join(parts)
 
 
 def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None) -> Outputs:
@@ -54,10 +175,11 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cls = getattr(transformers, runtime.model_class)
-    model, info = cls.from_pretrained(str(path), output_loading_info=True)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise RuntimeError(f"{path}: transformers reports {bad}")
+    model, info = cls.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True)
+    problems = _loading_problems(info)
+    if problems:
+        del model
+        raise RuntimeRefused(problems)
     model.eval()
     if groups:
         apply_grouped_norms(model, groups)
@@ -116,14 +238,15 @@ HFView = Callable[[Checkpoint, Path], Path]
 
 
 def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, hf_view: HFView, probes: int, seq_len: int,
-                    seed: int, tol: float | None, strict: bool) -> list[Check]:
+                    seed: int, tol: float | None, strict: bool, tokens: TextTokens | None = None) -> list[Check]:
     with tempfile.TemporaryDirectory(prefix="deepfuse-verify-") as work:
         return _verify_function(plan, fused, report, Path(work), hf_view, probes=probes, seq_len=seq_len, seed=seed,
-                                tol=tol, strict=strict)
+                                tol=tol, strict=strict, tokens=tokens)
 
 
 def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, hf_view: HFView, *, probes: int,
-                     seq_len: int, seed: int, tol: float | None, strict: bool) -> list[Check]:
+                     seq_len: int, seed: int, tol: float | None, strict: bool,
+                     tokens: TextTokens | None) -> list[Check]:
     family = plan.family
     runtime = family.preset.runtime
     config = plan.config or {}
@@ -144,13 +267,29 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
             return [Check("function", "skip", "transformers is not installed: pip install 'deepfuse[verify]'")]
     dtype = plan.entries[0].dtype if plan.entries else torch.float32
     tol = tol if tol is not None else default_tol(dtype)
-    inputs = _probe_inputs(config, probes, seq_len, seed)
-    report.meta.update({"probes": probes, "seq_len": int(inputs["input_ids"].shape[1]), "probe_seed": seed, "tol": tol})
+    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens)
+    report.meta.update({"probes": int(inputs["input_ids"].shape[0]), "seq_len": int(inputs["input_ids"].shape[1]),
+                        "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol})
+    runner = "the built-in forward" if builtin else f"transformers {runtime.model_class}"
 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
         return _hf_forward(path, runtime, inputs, groups)
+
+    viewed: list[Path] = []
+
+    def run_fused(groups: list[int] | None) -> Outputs | Check:
+        """The fused model's outputs, or a failed check saying in one line why the runtime cannot give them."""
+        try:
+            if not viewed:
+                viewed.append(hf_view(fused, work))
+            return run(viewed[0], config, groups)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything the runtime raises on the fused model fails it
+            return Check("function", "fail", f"{runner} cannot load or run the fused model: {_describe(exc)}",
+                         {"error": type(exc).__name__})
 
     n = plan.n
     unique: dict[str, Outputs] = {}
@@ -158,9 +297,14 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     for ck in plan.sources:
         key = f"{ck.path}@{ck.metadata.get('step')}"
         if key not in unique:
-            unique[key] = run(hf_view(ck, work), ck.config or {})
+            try:
+                unique[key] = run(hf_view(ck, work), ck.config or {})
+            except (MemoryError, DeepfuseError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a source the runtime refuses is bad input, not a failure
+                raise InputError(f"source {ck.path}: {runner} cannot load or run it: {_describe(exc)}",
+                                 "verify against sources the runtime loads, or with --no-function") from None
         outs.append(unique[key])
-    fused_path = hf_view(fused, work)
     w = plan.options.weights
     expected = sum(w[m] * outs[m][0] for m in range(n))
 
@@ -171,7 +315,13 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     checks: list[Check] = []
 
     groups = plan.norm_groups if opts.norm == "prop" else None
-    logits, hidden = run(fused_path, config, groups)
+    got = run_fused(groups)
+    if isinstance(got, Check):
+        return [got]
+    logits, hidden = got
+    if logits.shape != expected.shape:
+        return [Check("function", "fail", f"the fused model's logits have shape {list(logits.shape)}, expected "
+                      f"{list(expected.shape)}", {"shape": list(logits.shape), "expected": list(expected.shape)})]
     figs = metrics(logits, expected)
     layers = _layers(hidden, outs) if len(hidden) == len(outs[0][1]) else []
     report.layers = layers
@@ -199,7 +349,10 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
                             f"{figs['top1_agreement']:.0%}{where}" + (" (--strict demands exactness)" if strict else ""), figs))
         if not norms_exact and noise_exact and not builtin:
             # The deviation must come from the norms alone: with grouped norms the same weights are exact.
-            g_logits, g_hidden = run(fused_path, config, plan.norm_groups)
+            got = run_fused(plan.norm_groups)
+            if isinstance(got, Check):
+                return [*checks, got]
+            g_logits, g_hidden = got
             g = metrics(g_logits, expected)
             g_layers = _layers(g_hidden, outs)
             g_broken = next((r for r in g_layers if r["relative"] > tol), None)

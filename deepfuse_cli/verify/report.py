@@ -1,14 +1,32 @@
-"""Verification results and their renderings (JSON, Markdown with a plot, JUnit XML)."""
+"""Verification results and their renderings (JSON, Markdown with a plot, JUnit XML), and what each
+check needs of the others (:data:`NEEDS`)."""
 
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 Status = Literal["pass", "fail", "expected", "skip"]
+
+#: What each check needs: it runs only when none of these failed, else it is reported as skipped, naming
+#: the failed check. A name covers its group ("tensors" is every "tensors: ..." check, and a skipped
+#: "tensors" skips each of them); needs are transitive (a check skipped for a failure blocks in its turn).
+#: "checkpoint" is the fused checkpoint opened by its format's reader (reported only when that fails).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "integrity": (),
+    "checkpoint": (),
+    "tensors": ("checkpoint",),
+    "tensors: names": ("checkpoint",),
+    "tensors: shapes": ("tensors: names",),
+    "tensors: decomposition": ("tensors: shapes",),
+    "optimizer state": ("checkpoint",),
+    "config": ("checkpoint",),
+    "function": ("checkpoint", "tensors: shapes", "config"),
+}
 
 
 @dataclass
@@ -17,6 +35,32 @@ class Check:
     status: Status
     message: str
     figures: dict[str, Any] = field(default_factory=dict)
+    blocked_by: str | None = None  # a skipped check: the failed check it needed
+
+
+def _covers(a: str, b: str) -> bool:
+    """One name is the other, or the group of the other ("tensors" and "tensors: names")."""
+    return a == b or a.startswith(b + ": ") or b.startswith(a + ": ")
+
+
+def blocker(checks: Iterable[Check], name: str) -> str | None:
+    """The failed check that keeps ``name`` from running (see :data:`NEEDS`), if any."""
+    for c in checks:
+        if any(_covers(c.name, need) for need in NEEDS[name]):
+            if c.status == "fail":
+                return c.name
+            if c.blocked_by is not None:
+                return c.blocked_by
+    return None
+
+
+def run_check(checks: list[Check], name: str, run: Callable[[], Iterable[Check]]) -> list[Check]:
+    """Append the checks ``run`` gives (``name`` or ``name: ...``), or, when a check it needs failed, one
+    skipped check saying which; ``run`` is not called then."""
+    failed = blocker(checks, name)
+    new = [Check(name, "skip", f"{failed} failed", blocked_by=failed)] if failed else list(run())
+    checks.extend(new)
+    return new
 
 
 @dataclass
@@ -31,6 +75,10 @@ class Report:
         self.checks.append(check)
         return check
 
+    def run(self, name: str, run: Callable[[], Iterable[Check]]) -> list[Check]:
+        """Run check ``name`` unless a check it needs failed (:func:`run_check`)."""
+        return run_check(self.checks, name, run)
+
     @property
     def passed(self) -> bool:
         return all(c.status != "fail" for c in self.checks)
@@ -40,7 +88,9 @@ class Report:
         return next((c for c in self.checks if c.status == "fail"), None)
 
     def to_json(self) -> dict[str, Any]:
+        failed = self.first_failure
         return {"fused": self.fused, "sources": self.sources, "passed": self.passed,
+                "failed": failed.name if failed else None,
                 "checks": [asdict(c) for c in self.checks], "layers": self.layers, "meta": self.meta}
 
     def write_json(self, path: Path) -> None:
@@ -66,8 +116,10 @@ class Report:
     def write_markdown(self, path: Path) -> None:
         path = Path(path)
         lines = [f"# deepfuse verify: {'PASS' if self.passed else 'FAIL'}", "",
-                 f"Fused checkpoint: `{self.fused}`", "", "Sources: " + ", ".join(f"`{s}`" for s in self.sources), "",
-                 "| check | status | message |", "|---|---|---|"]
+                 f"Fused checkpoint: `{self.fused}`", "", "Sources: " + ", ".join(f"`{s}`" for s in self.sources), ""]
+        if self.first_failure is not None:
+            lines += [f"Failed: `{self.first_failure.name}` (the checks that need it are skipped)", ""]
+        lines += ["| check | status | message |", "|---|---|---|"]
         for c in self.checks:
             lines.append(f"| {c.name} | {c.status} | {c.message.replace('|', '/')} |")
         if self.layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from .. import __version__
-from ..errors import InputError, UsageError
+from ..errors import DeepfuseError, InputError, UsageError
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..formats.registry import HUGGING_FACE, for_checkpoint
@@ -18,13 +19,13 @@ from ..fuse import write_plan
 from ..ir import Checkpoint
 from ..manifest import Manifest
 from ..options import FuseOptions, OptionError, Options
-from ..plan import MAX_COPIES, build_plan, conversion_preset
+from ..plan import MAX_COPIES, Plan, build_plan, conversion_preset
 from ..rules import load_rules
 from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
 from ..sources import open_source
 from ..untrusted import resolve, resolves_inside
-from .function_level import verify_function
+from .function_level import TextTokens, tokenize_text, verify_function
 from .report import Check, Report
 from .tensor_level import verify_tensors
 
@@ -46,6 +47,7 @@ class VerifyOptions(Options):
     strict: bool = False
     integrity_only: bool = False
     function: bool = True
+    text: Path | None = None  # probe with this text's tokens (the source's tokenizer), not seeded random ids
 
     @model_validator(mode="after")
     def _one_source_for_times(self) -> VerifyOptions:
@@ -61,6 +63,10 @@ class VerifyOptions(Options):
                               field="probes", hint="a few short probes are enough to compare functions, e.g. --probes 4")
         if not 0 <= self.seed < 2**64:
             raise OptionError("must be between 0 and 2**64 - 1", field="seed")
+        if self.text is not None and (self.integrity_only or not self.function):
+            flag = "--integrity-only" if self.integrity_only else "--no-function"
+            raise OptionError(f"probes the function check, which {flag} does not run", field="text",
+                              hint=f"drop --text or {flag}")
         return self
 
 
@@ -88,6 +94,66 @@ def check_integrity(fused: Path, manifest: Manifest) -> Check:
         return Check("integrity", "fail", bad[0], {"problems": bad, "files": len(files)})
     return Check("integrity", "pass", f"{len(files)} files match the sha256 recorded in {MANIFEST_NAME}",
                  {"files": len(files)})
+
+
+#: config.json fields that record how the fusion ran (its --norm): only known from a manifest
+RECORDED_OPTIONS = ("deepfuse_norm_mode", "deepfuse_norm_groups")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_config(plan: Plan, fused: Checkpoint, options_known: bool) -> Check:
+    """The fused ``config.json`` is the one the fusion writes for these sources and options (field by
+    field; without a manifest the fields recording the fusion's options are not compared)."""
+    if fused.format != "hf":  # a bare weights file, or a train state whose widths follow from its shapes
+        return Check("config", "skip", f"a {fused.format} checkpoint carries no config.json")
+    want = plan.output_config
+    if want is None:
+        return Check("config", "skip", "the sources have no config.json: none to compare")
+    got = fused.config
+    if got is None:
+        return Check("config", "fail", "config.json is missing; the fusion writes one", {"differing": []})
+    want = json.loads(json.dumps(want))  # as written: lists for tuples
+    if not options_known:
+        want = {k: v for k, v in want.items() if k not in RECORDED_OPTIONS}
+        got = {k: v for k, v in got.items() if k not in RECORDED_OPTIONS}
+    differing = sorted(k for k in set(want) | set(got) if k not in want or k not in got or want[k] != got[k])
+    if differing:
+        k = differing[0]
+        if k not in got:
+            what = f"config.json has no field {k!r} (the fusion writes {_short(want[k])})"
+        elif k not in want:
+            what = f"config.json field {k!r} is not one the fusion writes"
+        else:
+            what = f"config.json field {k!r} is {_short(got[k])}, the fusion writes {_short(want[k])}"
+        more = f" ({len(differing) - 1} more fields differ)" if len(differing) > 1 else ""
+        return Check("config", "fail", what + more, {"differing": differing})
+    return Check("config", "pass", f"config.json is the one the fusion writes ({len(want)} fields)",
+                 {"fields": len(want)})
+
+
+def _open_fused(fused: Path, report: Report) -> Checkpoint | None:
+    """The fused checkpoint, opened by its format's reader; None (a failed "checkpoint" check) when it
+    cannot be read: it is what is being verified, so that is a failed verification, not bad input."""
+    try:
+        return open_source(fused)
+    except DeepfuseError as exc:
+        report.add(Check("checkpoint", "fail", f"cannot be read: {exc.message}"))
+        return None
+
+
+def _text_tokens(opts: VerifyOptions, plan: Plan, fused: Path) -> TextTokens:
+    """The ``--text`` file's tokens, by the tokenizer copied into the fused directory or a source's."""
+    runtime = plan.family.preset.runtime
+    if runtime is not None and runtime.inputs == "features":
+        raise UsageError(f"--text: the {plan.preset.name} family is probed with feature vectors, not tokens",
+                         "drop --text")
+    dirs = [fused, *dict.fromkeys(Path(ck.path) for ck in plan.sources)]
+    vocab = (plan.config or {}).get("vocab_size")
+    return tokenize_text(opts.text, dirs, vocab if isinstance(vocab, int) else None)
 
 
 def _options_from_manifest(manifest: Manifest | None, n: int, self_fusion: bool, where: Path) -> FuseOptions:
@@ -213,19 +279,27 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
                         "norm": options.norm, "noise": options.describe_noise(), "seed": options.seed,
                         "self_fusion": self_fusion})
 
-    fused_ck = open_source(fused)
-    for check in verify_tensors(plan, fused_ck, opts.strict, None):
-        report.add(check)
-    if options.allow_nonfinite:
-        report.add(Check("function", "skip", "sources hold NaN/Inf (fused with --allow-nonfinite, recorded in the "
-                         "manifest): no function to compare; tensor level only"))
-    elif not opts.function:
-        report.add(Check("function", "skip", "not run (--no-function): integrity and tensor level only"))
-    elif not fused.is_dir():
-        report.add(Check("function", "skip", f"{fused} is a bare file, not a directory a runtime loads; "
-                         "tensor level only"))
+    tokens = _text_tokens(opts, plan, fused) if opts.text is not None else None  # refused before any work
+
+    fused_ck = _open_fused(fused, report)
+    report.run("tensors", lambda: verify_tensors(plan, fused_ck, opts.strict, None))
+    report.run("config", lambda: [check_config(plan, fused_ck, use_manifest_options)])
+    skipped = _function_not_run(plan, fused, opts, options)  # for a reason of its own, whatever else failed
+    if skipped is not None:
+        report.add(skipped)
     elif not plan.options.convert_only:  # a conversion's function is its source's: the tensor level proves it
-        for check in verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes,
-                                     seq_len=opts.seq_len, seed=opts.seed, tol=opts.tol, strict=opts.strict):
-            report.add(check)
+        report.run("function", lambda: verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes,
+                                                       seq_len=opts.seq_len, seed=opts.seed, tol=opts.tol,
+                                                       strict=opts.strict, tokens=tokens))
     return report
+
+
+def _function_not_run(plan: Plan, fused: Path, opts: VerifyOptions, options: FuseOptions) -> Check | None:
+    if options.allow_nonfinite:
+        return Check("function", "skip", "sources hold NaN/Inf (fused with --allow-nonfinite, recorded in the "
+                     "manifest): no function to compare; tensor level only")
+    if not opts.function:
+        return Check("function", "skip", "not run (--no-function): integrity and tensor level only")
+    if not fused.is_dir():
+        return Check("function", "skip", f"{fused} is a bare file, not a directory a runtime loads; tensor level only")
+    return None

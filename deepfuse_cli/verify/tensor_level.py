@@ -1,5 +1,8 @@
 """Tensor-level verification: every fused tensor, block by block, against the sources.
 
+Three checks, each needing the one before (``report.NEEDS``): the names of the fused tensors are the
+planned ones; their shapes (in the output's layout) and dtypes are; their blocks hold what they should.
+
 A second opinion, not a mirror: the blocks of each fused tensor and what each must equal come
 from :mod:`.decompose` (the mathematics of DESIGN sections 2-4), and the noise from its
 definition (``ops.GaussianStream`` seeded by seed, tensor name and block key); nothing here calls
@@ -31,7 +34,7 @@ from ..ir import Checkpoint, TensorRef
 from ..memory import TRIM_AFTER_BYTES, release_free_memory
 from ..ops import GaussianStream, rms
 from .decompose import Block, CannotDecompose, Layout, Noise, decompose
-from .report import Check
+from .report import Check, run_check
 
 if TYPE_CHECKING:
     from ..plan import Plan, PlanEntry
@@ -256,44 +259,74 @@ def _fail(message: str, **figures) -> Check:
 
 
 def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | None) -> list[Check]:
-    """Every planned tensor against the fused file (under the output format's names and layout)."""
-    conv = plan.conversion
+    """Every planned tensor against the fused file (under the output format's names and layout): its
+    names, then shapes and dtypes, then the blocks of each tensor; each check runs only when those it
+    needs passed (``report.NEEDS``), else it is reported as skipped, naming the failed one."""
+    planned = planned_names(plan)
     checks: list[Check] = []
-    planned = {conv.out_name(e.name): e for e in plan.entries if e.name not in conv.drop}
+    run_check(checks, "tensors: names", lambda: [check_names(planned, fused)])
+    run_check(checks, "tensors: shapes", lambda: [check_shapes(plan, planned, fused)])
+    run_check(checks, "tensors: decomposition", lambda: [check_decomposition(plan, planned, fused, strict, tol)])
+    if plan.state is not None:
+        run_check(checks, "optimizer state", lambda: [_verify_state(plan, fused)])
+    return checks
+
+
+def planned_names(plan: Plan) -> dict[str, PlanEntry]:
+    """Each planned tensor under its name in the output format."""
+    conv = plan.conversion
+    return {conv.out_name(e.name): e for e in plan.entries if e.name not in conv.drop}
+
+
+def check_names(planned: dict[str, PlanEntry], fused: Checkpoint) -> Check:
+    """The fused checkpoint holds every planned tensor and nothing else."""
     missing = [n for n in planned if n not in fused.tensors]
     extra = [n for n in fused.tensors if n not in planned]
     if missing or extra:
         what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        checks.append(Check("tensors: names", "fail", f"{what} ({len(missing)} missing, {len(extra)} unexpected)",
-                            {"missing": missing, "unexpected": extra}))
-        return checks
-    checks.append(Check("tensors: names", "pass", f"{len(planned)} tensors, as the rules plan them"))
+        return Check("tensors: names", "fail", f"{what} ({len(missing)} missing, {len(extra)} unexpected)",
+                     {"missing": missing, "unexpected": extra})
+    return Check("tensors: names", "pass", f"{len(planned)} tensors, as the rules plan them")
+
+
+def check_shapes(plan: Plan, planned: dict[str, PlanEntry], fused: Checkpoint) -> Check:
+    """Every fused tensor has the shape its rule gives (in the output's layout) and the planned dtype."""
+    wrong = []
+    for out_name, entry in planned.items():
+        ref = fused.tensors[out_name]
+        want = plan.conversion.out_shape(entry.name, layout(plan, entry).shape)
+        if tuple(ref.shape) != want:
+            wrong.append(f"tensor {out_name!r} has shape {list(ref.shape)}, expected {list(want)}")
+        elif ref.dtype != entry.dtype:
+            wrong.append(f"tensor {out_name!r} is {ref.dtype}, expected {entry.dtype}")
+    if wrong:
+        more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+        return Check("tensors: shapes", "fail", wrong[0] + more, {"problems": wrong})
+    return Check("tensors: shapes", "pass", f"{len(planned)} tensors have the planned shapes and dtypes")
+
+
+def check_decomposition(plan: Plan, planned: dict[str, PlanEntry], fused: Checkpoint, strict: bool,
+                        tol: float | None) -> Check:
+    """Every fused tensor, block by block, against what its rule makes of the sources (the first that
+    differs is named, with a diagnosis)."""
     worst = 0.0
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="deepfuse-verify") as pool:
         for out_name, entry in planned.items():
             failure, err = _verify_entry(plan, entry, fused.tensors[out_name], out_name, strict, tol, pool)
             if failure is not None:
-                checks.append(failure)
-                return checks
+                return failure
             worst = max(worst, err)
     noise = plan.options.describe_noise()
-    checks.append(Check("tensors: decomposition", "pass",
-                        f"every tensor decomposes into its sources as its rule says (noise: {noise['mode']})",
-                        {"max_abs_error": worst, "tensors": len(plan.entries)}))
-    if plan.state is not None:
-        checks.append(_verify_state(plan, fused))
-    return checks
+    return Check("tensors: decomposition", "pass",
+                 f"every tensor decomposes into its sources as its rule says (noise: {noise['mode']})",
+                 {"max_abs_error": worst, "tensors": len(plan.entries)})
 
 
 def _verify_entry(plan: Plan, entry: PlanEntry, ref: TensorRef, out_name: str, strict: bool,
                   tol: float | None, pool: Executor | None = None) -> tuple[Check | None, float]:
     """One fused tensor, block by block (blocks with noise checked side by side on ``pool``: drawing
-    the noise again is most of their cost): (a failed check or None, its largest absolute error)."""
-    want = plan.conversion.out_shape(entry.name, layout(plan, entry).shape)  # the shape the rule gives
-    if tuple(ref.shape) != want:
-        return _fail(f"tensor {out_name!r} has shape {list(ref.shape)}, expected {list(want)}", tensor=out_name), 0.0
-    if ref.dtype != entry.dtype:
-        return _fail(f"tensor {entry.name!r} is {ref.dtype}, expected {entry.dtype}", tensor=entry.name), 0.0
+    the noise again is most of their cost): (a failed check or None, its largest absolute error). Its
+    shape and dtype are the planned ones (:func:`check_shapes` passed)."""
     sources = _load_sources(plan, entry)
     lay = layout(plan, entry, sources)
     try:
