@@ -186,16 +186,22 @@ def best_of(cmd: list[str], repeat: int, *leftovers: Path) -> tuple[float, int, 
     return fastest[0], max(r[1] for r in runs), fastest[2]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gb", type=float, default=1.0, help="size of the synthetic source (GB)")
-    ap.add_argument("--quick", action="store_true", help="a ~40 MB source: finishes in under a minute")
+def common_args(description: str, size_gb: float, quick: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: source size, --quick, working directory, repeats."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=size_gb, help="size of the synthetic source (GB)")
+    ap.add_argument("--quick", action="store_true", help=quick)
     ap.add_argument("--dir", type=Path, default=None, help="working directory (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every row this many times and report the fastest (the machine may be shared)")
+    return ap
+
+
+def main() -> None:
+    ap = common_args(__doc__, 1.0, "a ~40 MB source: finishes in under a minute")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive script (it holds everything in RAM)")
     ap.add_argument("--wide", action="store_true",
                     help="also fuse one 2 GiB tensor (x8 of a 4096x4096 kernel): peak RSS stays far below it")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run every row this many times and report the fastest (the machine may be shared)")
     args = ap.parse_args()
     size = 0.04 if args.quick else args.size_gb
     work = work_dir(args.dir, "deepfuse-bench-")

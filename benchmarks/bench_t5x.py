@@ -39,7 +39,6 @@ GB/s of uncompressed tensor bytes and of on-disk bytes, CPU seconds (user + syst
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -51,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_fuse import best_of, dd_command, drop, measure, work_dir
+from bench_fuse import best_of, common_args, dd_command, drop, measure, work_dir
 
 #: T5 1.1 "large"-like widths (t5x/examples/t5/t5_1_1), a few layers
 T5_DIMS = {"vocab": 32128, "emb": 1024, "heads": 16, "head_dim": 64, "mlp": 2816, "buckets": 32}
@@ -138,12 +137,7 @@ def encode_floor(path: Path, fmt: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gb", type=float, default=0.5, help="size of the synthetic float32 source (GB)")
-    ap.add_argument("--quick", action="store_true", help="a ~40 MB source of narrower layers")
-    ap.add_argument("--dir", type=Path, default=None, help="working directory (default: a temp dir)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run every row this many times and report the fastest (the machine may be shared)")
+    ap = common_args(__doc__, 0.5, "a ~40 MB source of narrower layers")
     args = ap.parse_args()
     size = 0.04 if args.quick else args.size_gb
     work = work_dir(args.dir, "deepfuse-bench-t5x-")

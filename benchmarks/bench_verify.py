@@ -19,7 +19,6 @@ Prints one table: wall seconds, ratio to the fuse, CPU seconds and peak RSS of e
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_fuse import best_of, make_checkpoint, measure, work_dir
+from bench_fuse import best_of, common_args, make_checkpoint, measure, work_dir
 
 #: ``run_verify`` without the function check; writes the wall and CPU seconds of its tensor-level check to argv[2]
 TENSORS_ONLY = r'''
@@ -53,15 +52,10 @@ sys.exit(0 if report.passed else 1)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gb", type=float, default=1.0, help="size of the synthetic source (GB)")
-    ap.add_argument("--quick", action="store_true", help="a ~40 MB source: finishes in about a minute")
-    ap.add_argument("--dir", type=Path, default=None, help="working directory (default: a temp dir)")
+    ap = common_args(__doc__, 1.0, "a ~40 MB source: finishes in about a minute")
     ap.add_argument("--noise-scale", type=float, default=0.0,
                     help="fuse with this relative noise (verify regenerates it)")
     ap.add_argument("--no-function", action="store_true", help="skip the whole `deepfuse verify` row (function check)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run every row this many times and report the fastest (the machine may be shared)")
     args = ap.parse_args()
     size = 0.04 if args.quick else args.size_gb
     work = work_dir(args.dir, "deepfuse-bench-verify-")
