@@ -11,7 +11,8 @@ Hooks a module may define (all optional):
 
 * ``canonical_config(config, naming) -> dict`` — a source's config in the preset's own vocabulary;
 * ``field_label(key, naming) -> str`` — a config field's name in that naming's vocabulary (messages);
-* ``naming_config(config, naming, origin, source_naming) -> dict`` — the fused config in another naming's vocabulary;
+* ``naming_config(config, view, naming, origin, source_naming) -> dict`` — the fused config in a
+  naming's vocabulary (``view``: with the family's derived values);
 * ``infer_config(shapes, naming, origin) -> dict | None`` — dimensions of a checkpoint that has no config;
 * ``config_text(config, naming, note, optimizer_state) -> str | None`` — a runtime config written beside
   a checkpoint in that naming (T5: ``fused.gin`` for T5X);
@@ -60,9 +61,12 @@ class Family:
 
     def naming_config(self, config: dict | None, naming: str, origin: str, source_naming: str) -> dict | None:
         """A config in the preset's vocabulary, as a checkpoint in ``naming`` needs it (the sources
-        were in ``source_naming``)."""
+        were in ``source_naming``): the hook's, given the config and the family's view of it (its
+        derived values included); the config itself for families without one."""
         hook = self._hook("naming_config")
-        return hook(config, naming, origin, source_naming) if hook is not None and config is not None else config
+        if hook is None or config is None:
+            return config
+        return hook(config, self.view(config), naming, origin, source_naming)
 
     def infer_config(self, shapes: dict[str, tuple[int, ...]], naming: str, origin: str) -> dict | None:
         """The config of a checkpoint in ``naming`` that carries none, from its tensor shapes (or None)."""

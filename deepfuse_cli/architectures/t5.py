@@ -32,9 +32,11 @@ def canonical_config(config: dict, naming: str) -> dict:
     return config
 
 
-def naming_config(config: dict, naming: str, origin: str, source_naming: str) -> dict:
-    if naming == "t5x":  # a transformers T5 must use what T5X's network hard-codes to become one
-        return t5x.config_from_hf(config, origin, check_network=source_naming != "t5x")
+def naming_config(config: dict, view: dict, naming: str, origin: str, source_naming: str) -> dict:
+    """config.json for transformers; the T5X dimensions for T5X (a transformers T5 must use what T5X's
+    network hard-codes to become one)."""
+    if naming == "t5x":
+        return t5x.config_from_hf(view, origin, check_network=source_naming != "t5x")
     return config
 
 

@@ -125,8 +125,10 @@ def hf_config(config: dict) -> dict:
 
 
 def config_from_hf(hf: dict, origin: str, check_network: bool = True) -> dict:
-    """The T5X dimensions of a transformers T5 config (for --to t5x / orbax); ``check_network``: refuse
-    what T5X's T5 network cannot compute (a config that came from a T5X checkpoint is what it is)."""
+    """The T5X dimensions of a transformers T5 config viewed through the t5 family (its derived
+    ``num_decoder_layers`` and ``scale_decoder_outputs`` present), for --to t5x / orbax;
+    ``check_network``: refuse what T5X's T5 network cannot compute (a config that came from a T5X
+    checkpoint is what it is)."""
     buckets = hf.get("relative_attention_num_buckets", 32)
     distance = hf.get("relative_attention_max_distance", RELPOS_MAX_DISTANCE)
     if check_network and (buckets, distance) != (RELPOS_BUCKETS, RELPOS_MAX_DISTANCE):
@@ -145,17 +147,11 @@ def config_from_hf(hf: dict, origin: str, check_network: bool = True) -> dict:
         "head_dim": hf["d_kv"],
         "mlp_dim": hf["d_ff"],
         "num_encoder_layers": hf["num_layers"],
-        "num_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"],
+        "num_decoder_layers": hf["num_decoder_layers"],
         "num_buckets": buckets,
         "gated": proj == "gated-gelu",
-        "logits_via_embedding": _scales_decoder_outputs(hf),
+        "logits_via_embedding": bool(hf["scale_decoder_outputs"]),
     }
-
-
-def _scales_decoder_outputs(config: dict) -> bool:
-    if config.get("scale_decoder_outputs") is not None:
-        return bool(config["scale_decoder_outputs"])
-    return config.get("tie_word_embeddings", True) is not False
 
 
 def gin_overrides(config: dict, *, note: str, optimizer_state: str | None) -> str:
