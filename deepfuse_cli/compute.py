@@ -65,3 +65,20 @@ def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
         raise InputError(f"{where}: tensor {name!r} has {count} non-finite value(s) (NaN or Inf)",
                          "the source is corrupt or diverged; pass --allow-nonfinite to fuse it anyway")
     plan.nonfinite.append({"source": m + 1, "file": where, "tensor": name, "count": count})
+
+
+def head_norm_tensors(plan: Plan) -> dict[str, torch.Tensor]:
+    """Per-head norm scales (rules with ``per_head``): for each such tensor, one row per head of the
+    fused model, source m's [head_dim] scale repeated for each of its heads, in source order."""
+    out = {}
+    for entry in plan.entries:
+        heads = plan.head_norms.get(entry.name)
+        if heads is None:
+            continue
+        rows = []
+        for m, count in enumerate(heads):
+            t = plan.tensors[m][entry.name].load()
+            _check_finite(plan, entry.name, m, t)
+            rows.append(t.to(entry.dtype).reshape(1, -1).expand(count, -1))
+        out[entry.name] = torch.cat(rows).contiguous()
+    return out

@@ -36,7 +36,8 @@ from .formats.hf import MANIFEST_NAME
 from .ir import Checkpoint
 from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
-from .compute import compute_tensor
+from .compute import compute_tensor, head_norm_tensors
+from .grouped_norm import HEAD_NORMS_FILE
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
 from .untrusted import resolve
@@ -321,6 +322,15 @@ def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
     files.update(plan.output_adapter.write_sidecars(tmp, info))
 
 
+def _write_head_norms(plan: Plan, tmp: Path) -> dict[str, str]:
+    """Each head's own norm scale, beside the weights (the stock tensor holds one for every head)."""
+    from safetensors.torch import save
+
+    path = tmp / HEAD_NORMS_FILE
+    write_file(path, save(head_norm_tensors(plan)))
+    return {HEAD_NORMS_FILE: sha256_file(path)}
+
+
 def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
     """Execute ``plan`` into ``output`` atomically."""
     output = Path(output)
@@ -371,6 +381,8 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             finally:
                 torch.set_num_threads(threads)
             files = dict(writer.digests)
+            if plan.writes_head_norms:
+                files.update(_write_head_norms(plan, tmp))
             _write_output_config(plan, tmp, files)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, manifest.dumps().encode())

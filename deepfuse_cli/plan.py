@@ -23,6 +23,7 @@ from .convert import IDENTITY, Conversion, conversion_for, output_config
 from .errors import InputError, UsageError
 from .formats import registry as formats
 from .formats.registry import naming_of
+from .grouped_norm import GROUPS_KEY, HEAD_NORMS_FILE, HEAD_NORMS_KEY, ROLE_GROUPS_KEY
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
@@ -105,6 +106,16 @@ class Plan:
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
     state: Any = None  # optimizer_state.StatePlan when the optimizer state is fused
     noise_ahead_bytes: int = fusion_ops.NOISE_AHEAD_BYTES  # noise drawn ahead on the second core (streaming)
+    #: --norm prop: per widened role of a norm, the sources' widths (OLMo 2: hidden, heads, kv)
+    norm_role_groups: dict[str, list[int]] = field(default_factory=dict)
+    #: per-head norms (rules with ``per_head``): tensor name -> heads of each source, written per head
+    #: beside the weights (``grouped_norm.HEAD_NORMS_FILE``) when the sources differ
+    head_norms: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def writes_head_norms(self) -> bool:
+        """The per-head norm file is written: per-head norms, and sources that may differ."""
+        return bool(self.head_norms) and self.n > 1 and not self.options.self_fusion and not self.options.convert_only
 
     @property
     def n(self) -> int:
@@ -334,7 +345,8 @@ def check_widths(sources: list[Checkpoint], family: Family, configs: list[dict |
 
 
 def widen_config(sources: list[Checkpoint], family: Family, configs: list[dict | None], options: FuseOptions,
-                 groups: list[int]) -> dict | None:
+                 groups: list[int], role_groups: dict[str, list[int]] | None = None,
+                 head_norms: bool = False) -> dict | None:
     spec = family.preset.config
     base = configs[0]
     if base is None:
@@ -355,11 +367,16 @@ def widen_config(sources: list[Checkpoint], family: Family, configs: list[dict |
         for key in ("dtype", "torch_dtype"):
             if key in out:
                 out[key] = name
-    out.pop("deepfuse_norm_groups", None)
-    out.pop("deepfuse_norm_mode", None)
+    for key in (GROUPS_KEY, "deepfuse_norm_mode", ROLE_GROUPS_KEY, HEAD_NORMS_KEY):
+        out.pop(key, None)
     if options.norm == "prop":
         out["deepfuse_norm_mode"] = "prop"
-        out["deepfuse_norm_groups"] = groups
+        out[GROUPS_KEY] = groups
+        others = {role: g for role, g in (role_groups or {}).items() if role != "hidden"}
+        if others:  # norms over other widths (OLMo 2's q_norm/k_norm): their groups, by role
+            out[ROLE_GROUPS_KEY] = others
+        if head_norms:
+            out[HEAD_NORMS_KEY] = HEAD_NORMS_FILE
     return out
 
 
@@ -371,23 +388,50 @@ def _norm_groups(entries: list[PlanEntry]) -> list[int]:
     return []
 
 
-def _check_groupable_norms(entries: list[PlanEntry], groups: list[int]) -> None:
-    """``--norm prop`` records one grouping, the sources' hidden widths, and the grouped norm module
-    normalises those slices; a norm over another axis whose per-source widths differ (OLMo 2's k_norm
-    under grouped-query attention: kv_heads * head_dim) would stay a norm over the concatenation, and
-    the checkpoint would claim an exactness it does not have. Refused instead."""
+def _role_widths(entries: list[PlanEntry], role: str) -> list[int] | None:
+    """The sources' widths of a widened role, from the first tensor with an axis of that role."""
+    for e in entries:
+        for ax, r in enumerate(e.rule.axes):
+            if r == role:
+                return [s[ax] for s in e.source_shapes]
+    return None
+
+
+def _norm_role_groups(entries: list[PlanEntry]) -> dict[str, list[int]]:
+    """Per widened role of a norm, the sources' widths: grouped norms normalise each source's slice
+    of that role with its own statistics (the hidden size; OLMo 2's q_norm over heads * head_dim and
+    k_norm over kv_heads * head_dim, which differ under grouped-query attention). A norm over two
+    widened axes cannot be grouped by a module over the last axis: refused."""
+    out: dict[str, list[int]] = {}
     for e in entries:
         if not e.rule.norm:
             continue
-        for ax in e.rule.widened_axes:
-            widths = [s[ax] for s in e.source_shapes]
-            if widths != groups:
-                raise InputError(
-                    f"tensor {e.name!r} is a norm over the {e.rule.axes[ax]!r} axis ({'+'.join(map(str, widths))} "
-                    f"per source), which --norm prop cannot group: grouped norms normalise the slices of the hidden "
-                    f"size ({'+'.join(map(str, groups))})",
-                    "fuse with --norm rule (approximate for different sources; deepfuse verify measures by how much)",
-                )
+        widened = e.rule.widened_axes
+        if len(widened) > 1:
+            raise InputError(f"tensor {e.name!r} is a norm over {len(widened)} widened axes "
+                             f"({', '.join(e.rule.axes[a] for a in widened)}), which grouped norms cannot group",
+                             "fuse with --norm rule, or give the norm one widened axis in the rules")
+        for ax in widened:
+            out.setdefault(e.rule.axes[ax], [s[ax] for s in e.source_shapes])
+    return out
+
+
+def _head_norms(entries: list[PlanEntry]) -> dict[str, list[int]]:
+    """Per-head norms (``per_head`` rules, a [head_dim] scale applied to every head): the number of
+    heads of each source, from the sources' widths of the rule's role (heads * head_dim)."""
+    out: dict[str, list[int]] = {}
+    for e in entries:
+        role = e.rule.per_head
+        if role is None:
+            continue
+        head_dim = e.source_shapes[0][-1]
+        widths = _role_widths(entries, role)
+        if widths is None or head_dim == 0 or any(w % head_dim for w in widths):
+            raise InputError(f"tensor {e.name!r} is a per-head norm over {head_dim} entries, but no tensor has a "
+                             f"{role!r} axis of whole heads ({widths})",
+                             f"fix the rule's per_head role: the heads it scales must be a {role!r} axis of some tensor")
+        out[e.name] = [w // head_dim for w in widths]
+    return out
 
 
 def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | None = None) -> Plan:
@@ -472,12 +516,12 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
-    if options.norm == "prop" and n > 1 and not options.self_fusion:
-        _check_groupable_norms(entries, groups)
+    role_groups = _norm_role_groups(entries)
     plan = Plan(sources=sources, preset=preset, options=options, entries=entries, tensors=tensors,
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
-                weights_rescaled=options.weights_rescaled)
-    plan.config = widen_config(sources, family, configs, options, groups)
+                weights_rescaled=options.weights_rescaled, norm_role_groups=role_groups,
+                head_norms=_head_norms(entries))
+    plan.config = widen_config(sources, family, configs, options, groups, role_groups, plan.writes_head_norms)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
         writer = plan.output_adapter

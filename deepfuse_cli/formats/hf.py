@@ -30,8 +30,10 @@ from .safetensors_io import SafetensorsFileWriter, read_safetensors_header
 from .torch_io import read_torch_file
 
 MANIFEST_NAME = "deepfuse.json"
+#: per-head norm scales of a fused model (written beside its weights, read by grouped norms)
+HEAD_NORMS_FILE = "deepfuse_head_norms.safetensors"
 #: files never copied from a source into the output (the output has its own)
-NOT_COPIED = {CONFIG, SAFE_INDEX, BIN_INDEX, MANIFEST_NAME}
+NOT_COPIED = {CONFIG, SAFE_INDEX, BIN_INDEX, MANIFEST_NAME, HEAD_NORMS_FILE}
 
 
 def _read_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:

@@ -57,7 +57,9 @@ class HuggingFaceAdapter(FormatAdapter):
         return files
 
     def summary(self, files: dict[str, str]) -> str:
-        return f"{sum(1 for f in files if f.endswith('.safetensors'))} shard(s)"
+        from .hf import HEAD_NORMS_FILE
+
+        return f"{sum(1 for f in files if f.endswith('.safetensors') and f != HEAD_NORMS_FILE)} shard(s)"
 
     def runtime_loadable(self, ck: Checkpoint) -> bool:
         """A directory or a safetensors file; a bare pickle (``.bin``/``.pt``) is not."""

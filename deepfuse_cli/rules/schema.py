@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from .. import ops as fusion_ops
 from ..naming import DESCRIPTIONS
@@ -106,6 +106,21 @@ class Rule(_Strict):
     names: dict[str, NamingName] = Field(
         default_factory=dict, description="this tensor's name in other namings (e.g. 't5x'), for conversion")
     note: str | None = None
+    per_head: str | None = Field(
+        default=None, description="a norm over head_dim applied to every head (Qwen3's q_norm/k_norm): the width role "
+        "('heads' or 'kv') whose heads it scales; grouped norms give each source's heads that source's scale")
+    head_axis: int | None = Field(
+        default=None, description="per_head: the axis of the heads in the norm module's input (default -2, "
+        "[..., heads, head_dim]; -3 for [batch, heads, seq, head_dim])")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_head_fields(self, handler):
+        """Rules without per-head norms serialise as before these fields existed (digests unchanged)."""
+        data = handler(self)
+        for key in ("per_head", "head_axis"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
     @field_validator("names")
     @classmethod
@@ -150,7 +165,18 @@ class Rule(_Strict):
             raise ValueError(f"input_axis is only meaningful for {takers}, not {op.name}")
         if not op.takes_parts and self.parts is not None:
             raise ValueError(f"parts is only meaningful for {_ops_that(lambda o: o.takes_parts)}")
+        if self.per_head is not None:
+            if self.per_head not in WIDENED_ROLES:
+                raise ValueError(f"per_head must be a widened axis role ({', '.join(WIDENED_ROLES)}), not {self.per_head!r}")
+            if not self.norm or self.widened_axes:
+                raise ValueError("per_head is for a norm (\"norm\": true) over head_dim alone (no widened axis)")
+        elif self.head_axis is not None:
+            raise ValueError("head_axis is only meaningful with per_head")
         return self
+
+    @property
+    def head_axis_or_default(self) -> int:
+        return -2 if self.head_axis is None else self.head_axis
 
     @property
     def template(self) -> str:

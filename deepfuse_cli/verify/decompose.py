@@ -25,7 +25,8 @@ layout, i.e. the sources' naming and axis order) and what every block must equal
 ``parts`` equal parts (GPT-2's q|k|v); part p of the fused tensor is the block-diagonal (noise keys
 (p, i, j)) or the concatenation of part p of every source. ``output_average``: slice m of the
 hidden axis is ``w_m x output_scale_m x source m`` (the average of logits). ``bias_average``:
-``sum_m w_m b_m``. ``passthrough_identical``: source 1.
+``sum_m w_m b_m``. ``passthrough_identical``: source 1. ``shared_average``: source 1 plus
+``w_m (source m - source 1)`` for every later source (their weighted average; source 1 when they agree).
 
 An op without an entry in :data:`DECOMPOSITIONS` cannot be verified: :func:`decompose` raises
 :class:`CannotDecompose`, which the tensor-level check reports as a failure.
@@ -264,6 +265,15 @@ def passthrough_identical(lay: Layout) -> list[Block]:
     return [Block("whole", "source 1's tensor", every, lay.shape, (Term(1.0, source=0, region=every),), source=0)]
 
 
+def shared_average(lay: Layout) -> list[Block]:
+    """A shared tensor no source can widen: ``T_1 + sum_{m>1} w_m (T_m - T_1)``."""
+    every = tuple(slice(None) for _ in range(lay.ndim))
+    terms = [Term(1.0, source=0, region=every)]
+    for m in range(1, lay.n):
+        terms += [Term(float(lay.weights[m]), source=m, region=every), Term(-float(lay.weights[m]), source=0, region=every)]
+    return [Block("whole", "source 1 moved by the weighted differences of the others", every, lay.shape, tuple(terms))]
+
+
 #: rule op -> the blocks of its fused tensor
 DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "block_diagonal": block_diagonal,
@@ -272,6 +282,7 @@ DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "output_average": output_average,
     "bias_average": bias_average,
     "passthrough_identical": passthrough_identical,
+    "shared_average": shared_average,
 }
 
 

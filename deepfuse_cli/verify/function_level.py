@@ -167,7 +167,8 @@ def _loading_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
-def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None) -> Outputs:
+def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None,
+                role_groups: dict[str, list[int]] | None = None) -> Outputs:
     import transformers
 
     from ..grouped_norm import apply_grouped_norms
@@ -182,7 +183,7 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
         raise RuntimeRefused(problems)
     model.eval()
     if groups:
-        apply_grouped_norms(model, groups)
+        apply_grouped_norms(model, groups, role_groups=role_groups)
     with torch.no_grad():
         if runtime.inputs == "seq2seq":
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
@@ -275,7 +276,7 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
-        return _hf_forward(path, runtime, inputs, groups)
+        return _hf_forward(path, runtime, inputs, groups, plan.norm_role_groups if groups else None)
 
     viewed: list[Path] = []
 
