@@ -7,7 +7,8 @@
   each role's groups are recorded in config.json and grouped norms pick them by the rule of the norm.
 * OLMo (1): LayerNorms without parameters, grouped by width; clip_qkv.
 * Llama 3 rope scaling (rope_parameters as transformers 5 saves it).
-* mT5: T5 v1.1-shaped; exact with the t5 rules when they list model_type 'mt5'.
+* mT5: T5 v1.1-shaped; exact with the t5 rules when they list model_type 'mt5'. UMT5: its own
+  preset (a relative attention bias in every self-attention layer).
 """
 
 from __future__ import annotations
@@ -178,30 +179,38 @@ def test_llama3_sources_with_other_rope_scaling_are_refused(hf_fixtures, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-# -- mT5: the t5 rules, listing model_type 'mt5' ------------------------------------------------------
+# -- mT5 (the t5 rules, listing model_type 'mt5') and UMT5 (its own preset) ---------------------------
 
-def test_mt5_is_exact_with_the_t5_rules(hf_fixtures, tmp_path):
-    from transformers import MT5ForConditionalGeneration
+def seq2seq_outputs(path):
+    import transformers
 
-    rules = tmp_path / "mt5.json"
-    data = load_preset("t5").model_dump(mode="json")
-    rules.write_text(json.dumps({**data, "model_types": [*data["model_types"], "mt5"]}))
+    config = json.loads((path / "config.json").read_text())
+    # mT5 in the t5 family's runtime (grouped norms find the family of model_type 't5' only by a built-in preset)
+    cls = {"mt5": transformers.T5ForConditionalGeneration, "umt5": transformers.UMT5ForConditionalGeneration}
+    model, info = cls[config["model_type"]].from_pretrained(str(path), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    if config.get("deepfuse_norm_groups"):
+        apply_grouped_norms(model)
+    p = probe()
+    with torch.no_grad():
+        out = model.eval()(input_ids=p["input_ids"], decoder_input_ids=p["decoder_input_ids"], output_hidden_states=True)
+    return out.logits, list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
 
-    def outputs(path):
-        model, info = MT5ForConditionalGeneration.from_pretrained(str(path), output_loading_info=True)
-        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-        model.eval()
-        p = probe()
-        with torch.no_grad():
-            out = model(input_ids=p["input_ids"], decoder_input_ids=p["decoder_input_ids"], output_hidden_states=True)
-        return out.logits, list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
 
-    a, b = outputs(hf_fixtures / "mt5-a"), outputs(hf_fixtures / "mt5-b")
-    cli("self-fuse", hf_fixtures / "mt5-a", "--rules", rules, "-o", tmp_path / "self", "-q")
-    assert_fused_function(*outputs(tmp_path / "self"), [a, a], [0.5, 0.5])
-    cli("fuse", hf_fixtures / "mt5-a", hf_fixtures / "mt5-b", "--rules", rules, "--norm", "prop", "-o", tmp_path / "ab",
-        "-q")
-    checks = verify_checks(tmp_path / "ab", "--rules", rules)
+@pytest.mark.parametrize("family", ["mt5", "umt5"])
+def test_mt5_and_umt5_are_exact(family, hf_fixtures, tmp_path):
+    rules = []
+    if family == "mt5":
+        data = load_preset("t5").model_dump(mode="json")
+        (tmp_path / "mt5.json").write_text(json.dumps({**data, "model_types": [*data["model_types"], "mt5"]}))
+        rules = ["--rules", tmp_path / "mt5.json"]
+    a, b = seq2seq_outputs(hf_fixtures / f"{family}-a"), seq2seq_outputs(hf_fixtures / f"{family}-b")
+    cli("self-fuse", hf_fixtures / f"{family}-a", *rules, "-o", tmp_path / "self", "-q")
+    assert_fused_function(*seq2seq_outputs(tmp_path / "self"), [a, a], [0.5, 0.5])
+    cli("fuse", hf_fixtures / f"{family}-a", hf_fixtures / f"{family}-b", *rules, "--norm", "prop",
+        "-o", tmp_path / "ab", "-q")
+    assert_fused_function(*seq2seq_outputs(tmp_path / "ab"), [a, b], [0.5, 0.5])
+    checks = verify_checks(tmp_path / "ab", *rules)
     assert checks["function: logits vs weighted average of sources"] == "pass"
 
 
