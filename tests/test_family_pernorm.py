@@ -255,3 +255,17 @@ def test_grouped_head_norm_applies_each_heads_scale_on_either_head_axis(batch, h
         torch.testing.assert_close(per_head[:, :, h], stock(x[:, :, h]), rtol=1e-6, atol=1e-6)
     moved = GroupedHeadNorm(stock, scales, -3, 1e-6)(x.transpose(1, 2))
     torch.testing.assert_close(moved, per_head.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_verify_checks_each_heads_scale_in_the_head_file(hf_fixtures, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "fused"
+    cli("fuse", hf_fixtures / "qwen3-a", hf_fixtures / "qwen3-b", "-o", out, "-q")  # rule mode writes it too
+    assert verify_checks(out, "--no-function")["tensors: per-head norms"] == "pass"
+    heads = load_file(out / HEAD_NORMS_FILE)
+    heads["model.layers.1.self_attn.k_norm.weight"][2, 0] += 0.5  # first key head of source 2
+    save_file(heads, out / HEAD_NORMS_FILE)
+    report = json.loads(cli("verify", out, "--json", "--no-function", expect=1))
+    check = next(c for c in report["checks"] if c["name"] == "tensors: per-head norms")
+    assert check["status"] == "fail" and "rows 2..3 (the heads of source 2)" in check["message"], check

@@ -129,6 +129,7 @@ IDENTITY_RULES = {  # op -> a rule for a 2-D tensor and the context fields of on
     "output_average": (rule("output_average", ["vocab", "hidden"]), {"scales": [1.0]}),
     "bias_average": (rule("bias_average", ["classes", "shared"]), {"weights": [1.0]}),
     "passthrough_identical": (rule("passthrough_identical", ["shared", "shared"]), {}),
+    "shared_average": (rule("shared_average", ["shared", "shared"]), {"weights": [1.0]}),
 }
 
 

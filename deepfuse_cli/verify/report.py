@@ -23,6 +23,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "tensors: names": ("checkpoint",),
     "tensors: shapes": ("tensors: names",),
     "tensors: decomposition": ("tensors: shapes",),
+    "tensors: per-head norms": ("tensors: shapes",),
     "optimizer state": ("checkpoint",),
     "config": ("checkpoint",),
     "function": ("checkpoint", "tensors: shapes", "config"),

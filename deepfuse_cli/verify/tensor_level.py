@@ -267,9 +267,47 @@ def verify_tensors(plan: Plan, fused: Checkpoint, strict: bool, tol: float | Non
     run_check(checks, "tensors: names", lambda: [check_names(planned, fused)])
     run_check(checks, "tensors: shapes", lambda: [check_shapes(plan, planned, fused)])
     run_check(checks, "tensors: decomposition", lambda: [check_decomposition(plan, planned, fused, strict, tol)])
+    if plan.writes_head_norms:
+        run_check(checks, "tensors: per-head norms", lambda: [check_head_norms(plan, fused)])
     if plan.state is not None:
         run_check(checks, "optimizer state", lambda: [_verify_state(plan, fused)])
     return checks
+
+
+def check_head_norms(plan: Plan, fused: Checkpoint) -> Check:
+    """The per-head norm file beside the weights: for each per-head norm (a [head_dim] scale the stock
+    module applies to every head), one row per head of the fused model, each equal to the scale of the
+    source that head came from (heads in source order)."""
+    from ..formats.hf import HEAD_NORMS_FILE
+    from ..formats.safetensors_io import read_safetensors_header
+
+    name = "tensors: per-head norms"
+    path = fused.path / HEAD_NORMS_FILE
+    if not path.is_file():
+        return Check(name, "fail", f"{HEAD_NORMS_FILE} is missing: grouped norms cannot give each source's heads "
+                     "their own scale")
+    refs, _ = read_safetensors_header(path)
+    want = set(plan.head_norms)
+    if set(refs) != want:
+        odd = sorted(want ^ set(refs))[0]
+        return Check(name, "fail", f"{HEAD_NORMS_FILE}: tensor {odd!r} is " + ("missing" if odd in want else "unexpected"))
+    by_name = {e.name: e for e in plan.entries}
+    for tensor, heads in plan.head_norms.items():
+        entry = by_name[tensor]
+        rows = refs[tensor].load()
+        sources = _load_sources(plan, entry)
+        shape = (sum(heads), entry.source_shapes[0][-1])
+        if tuple(rows.shape) != shape or rows.dtype != entry.dtype:
+            return Check(name, "fail", f"{HEAD_NORMS_FILE}: tensor {tensor!r} is {list(rows.shape)} {rows.dtype}, "
+                         f"expected {list(shape)} {entry.dtype} (one row per head)")
+        start = 0
+        for m, count in enumerate(heads):
+            block = rows[start:start + count]
+            if not torch.equal(block, sources[m].to(entry.dtype).reshape(1, -1).expand(count, -1)):
+                return Check(name, "fail", f"{HEAD_NORMS_FILE}: tensor {tensor!r} rows {start}..{start + count - 1} "
+                             f"(the heads of source {m + 1}) are not source {m + 1}'s scale")
+            start += count
+    return Check(name, "pass", f"{len(want)} per-head norms: each head holds its source's scale")
 
 
 def planned_names(plan: Plan) -> dict[str, PlanEntry]:
