@@ -235,8 +235,13 @@ def _config_value(model: nn.Module, key: str):
     return value
 
 
-def _role_of(rules: list[Rule], name: str) -> Rule | None:
-    return next((r for r in rules if r.regex.fullmatch(f"{name}.weight")), None)
+def _rule_of(rules: list[Rule], names: Sequence[str]) -> tuple[Rule, str] | tuple[None, None]:
+    """The norm rule claiming the module's weight, and that weight's name in the checkpoint."""
+    for weight in names:
+        rule = next((r for r in rules if r.regex.fullmatch(weight)), None)
+        if rule is not None:
+            return rule, weight
+    return None, None
 
 
 def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None, *,
@@ -270,6 +275,7 @@ def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None, *
         w = sum(g)
         by_width[w] = g if by_width.get(w, g) == g else None
 
+    prefix = getattr(model, "base_model_prefix", "") or ""
     replaced = 0
     for name, module in list(model.named_modules()):
         spec = next((s for s in specs if _matches(s, type(module).__name__)), None)
@@ -279,10 +285,11 @@ def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None, *
         eps = _eps(module, spec)
         if eps is None:
             continue
-        rule = _role_of(rules, name)
+        # a base model (no head) names its modules without the checkpoint's prefix
+        rule, weight = _rule_of(rules, [f"{name}.weight", f"{prefix}.{name}.weight"] if prefix else [f"{name}.weight"])
         fp32 = not spec.scale_in_fp32
         if rule is not None and rule.per_head:
-            scales = head_norms.get(f"{name}.weight")
+            scales = head_norms.get(weight)
             if scales is None:
                 continue  # sources that agree: the stock module is exact
             new: nn.Module = GroupedHeadNorm(module, scales, rule.head_axis_or_default, eps, fp32, spec.offset)

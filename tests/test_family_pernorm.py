@@ -266,6 +266,25 @@ def test_verify_checks_each_heads_scale_in_the_head_file(hf_fixtures, tmp_path):
     heads = load_file(out / HEAD_NORMS_FILE)
     heads["model.layers.1.self_attn.k_norm.weight"][2, 0] += 0.5  # first key head of source 2
     save_file(heads, out / HEAD_NORMS_FILE)
-    report = json.loads(cli("verify", out, "--json", "--no-function", expect=1))
+    result = runner.invoke(app, ["verify", str(out), "--json", "--no-function"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
     check = next(c for c in report["checks"] if c["name"] == "tensors: per-head norms")
     assert check["status"] == "fail" and "rows 2..3 (the heads of source 2)" in check["message"], check
+
+
+def test_a_base_model_without_the_head_finds_its_per_head_norms(hf_fixtures, tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "fused"
+    cli("fuse", hf_fixtures / "qwen3-a", hf_fixtures / "qwen3-b", "-o", out, "--norm", "prop", "-q")
+    base = AutoModel.from_pretrained(str(out)).eval()
+    apply_grouped_norms(base)
+    assert sum(isinstance(m, GroupedHeadNorm) for m in base.modules()) == 2 * 2  # q_norm and k_norm, 2 layers
+    with torch.no_grad():
+        hidden = base(input_ids=probe()["input_ids"]).last_hidden_state
+    model = load(out)
+    apply_grouped_norms(model)
+    logits, _ = run(model, probe())
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(hidden), logits, rtol=1e-5, atol=1e-5)
