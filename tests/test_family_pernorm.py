@@ -288,3 +288,17 @@ def test_a_base_model_without_the_head_finds_its_per_head_norms(hf_fixtures, tmp
     logits, _ = run(model, probe())
     with torch.no_grad():
         torch.testing.assert_close(model.lm_head(hidden), logits, rtol=1e-5, atol=1e-5)
+
+
+@settings(settings.get_profile("pernorm"))
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(1, 3), st.data())
+def test_grouped_weightless_layer_norm_is_olmos_norm_of_each_slice(groups, seq, data):
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = 3 * torch.randn(2, seq, sum(groups), generator=g) + 1
+    model = torch.nn.Sequential(OlmoLayerNorm(sum(groups)))
+    model.config = type("Config", (), {"model_type": "olmo", "deepfuse_norm_groups": groups})()
+    assert apply_grouped_norms(model) == 1
+    expected = torch.cat([OlmoLayerNorm(d)(part) for d, part in zip(groups, torch.split(x, groups, dim=-1))], dim=-1)
+    torch.testing.assert_close(model[0](x), expected, rtol=1e-5, atol=1e-5)
