@@ -302,3 +302,35 @@ def test_grouped_weightless_layer_norm_is_olmos_norm_of_each_slice(groups, seq, 
     assert apply_grouped_norms(model) == 1
     expected = torch.cat([OlmoLayerNorm(d)(part) for d, part in zip(groups, torch.split(x, groups, dim=-1))], dim=-1)
     torch.testing.assert_close(model[0](x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_rule_of_the_new_presets_claims_a_tensor_and_tied_biased_olmo_self_fuses(hf_fixtures, tmp_path):
+    """olmo and umt5 rules against their fixtures, plus an OLMo with attention biases and tied embeddings
+    (OLMo-1B's choice), which also self-fuses exactly."""
+    import transformers
+
+    from deepfuse_cli.formats import open_checkpoint
+    from deepfuse_cli.plan import virtualise_output
+    from deepfuse_cli.rules import RuleSet
+
+    torch.manual_seed(0)
+    transformers.OlmoForCausalLM(transformers.OlmoConfig(
+        vocab_size=64, hidden_size=16, num_attention_heads=4, intermediate_size=24, num_hidden_layers=1,
+        max_position_embeddings=32, attention_bias=True, tie_word_embeddings=True, clip_qkv=0.5, pad_token_id=0,
+        eos_token_id=1)).save_pretrained(tmp_path / "olmo-tied")
+    for preset, fixtures in {"olmo": [hf_fixtures / "olmo-a", tmp_path / "olmo-tied"],
+                             "umt5": [hf_fixtures / "umt5-a"]}.items():
+        p = load_preset(preset)
+        used: set[int] = set()
+        for fixture in fixtures:
+            refs, _ = virtualise_output(open_checkpoint(fixture), 0, p)
+            matched, unmatched, ambiguous, _ = RuleSet(p).coverage(list(refs))
+            assert not unmatched and not ambiguous, (fixture, unmatched, ambiguous)
+            used |= {m.index for m in matched.values()}
+        dead = [p.rules[i].pattern for i in range(len(p.rules)) if i not in used]
+        assert all("embed_tokens" in d or "DenseReluDense\\.wi\\." in d for d in dead), dead
+    out = tmp_path / "fused"
+    cli("self-fuse", tmp_path / "olmo-tied", "-o", out, "-q")
+    source = run(load(tmp_path / "olmo-tied"), probe())
+    logits, hidden = run(load(out), probe())
+    assert_fused_function(logits, hidden, [source, source], [0.5, 0.5])
