@@ -544,6 +544,10 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.norm == "rule" and n > 1 and not options.self_fusion:
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
+    if plan.writes_head_norms:
+        plan.notes.append(f"{len(plan.head_norms)} per-head norms (e.g. {next(iter(plan.head_norms))}): the weights "
+                          f"hold the sources' weighted average, each head's own scale goes to {HEAD_NORMS_FILE} "
+                          "(read by apply_grouped_norms)")
     if options.max_memory is not None:
         plan.fit_memory(options.max_memory)
     return plan
