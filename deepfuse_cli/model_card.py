@@ -1,0 +1,175 @@
+"""The Hugging Face model card (``README.md``) of every Hugging Face output.
+
+Rendered by ``huggingface_hub`` (:class:`~huggingface_hub.ModelCard` from its card data and a Jinja
+template), from the run's manifest: Hub metadata (``base_model`` listing the sources that are Hub
+models, ``tags``, ``library_name``), how the checkpoint was made (the command, norm mode, noise,
+weights), how to load it (with the grouped-norm lines after ``--norm prop``), and the figures of
+``verify`` when it ran. The same run writes the same card: nothing in it depends on the time.
+
+The card is documentation, meant to be edited before publishing: it is not among the files whose
+digests the manifest records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .formats.files import write_file
+from .formats.hf import MODEL_CARD_NAME
+from .manifest import Manifest
+
+TAGS = ["deepfuse", "deep-fusion"]
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}
+
+{{ summary }}
+
+## Sources
+
+| # | source | revision | weight |
+|---|---|---|---|
+{% for s in sources -%}
+| {{ loop.index }} | {{ s.name }} | {{ s.revision }} | {{ s.weight }} |
+{% endfor %}
+## How it was made
+
+{% if command -%}
+```bash
+{{ command }}
+```
+
+{% endif -%}
+{% for label, value in facts -%}
+- {{ label }}: {{ value }}
+{% endfor %}
+## How to load
+
+{% if runtime == "builtin" -%}
+The {{ family }} family has no transformers model class: read its tensors with safetensors.
+
+```python
+from safetensors.torch import load_file
+
+tensors = load_file("{{ name }}/model.safetensors")
+```
+{%- else -%}
+```python
+from transformers import {{ runtime }}
+{% if grouped %}from deepfuse_cli.grouped_norm import apply_grouped_norms
+{% endif %}
+model = {{ runtime }}.from_pretrained("{{ name }}")
+{% if grouped %}apply_grouped_norms(model)  # norms over each source's slice: groups from config.json
+{% endif -%}
+```
+{%- endif %}
+{% if grouped %}
+It was fused with `--norm prop`: each norm normalises every source's slice of the hidden state on its
+own (groups {{ groups }}). A stock runtime would normalise over the whole width, which is not the fused
+function: call `apply_grouped_norms(model)` after every load, before training or inference (install
+`deepfuse`). Saved again with `save_pretrained`, the checkpoint keeps its layout.
+{% endif %}
+{%- if verify %}
+## Verification
+
+`deepfuse verify`: **{{ "PASS" if verify.passed else "FAIL" }}**
+
+| check | status | details |
+|---|---|---|
+{% for c in verify.checks -%}
+| {{ c.name }} | {{ c.status }} | {{ c.message | replace("|", "/") }} |
+{% endfor %}
+{%- endif %}
+"""
+
+
+def _number(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _sources(manifest: Manifest) -> list[dict[str, str]]:
+    if manifest.kind == "self-fusion":  # one source, copied: one row
+        [row] = _rows(manifest.sources[:1], manifest.weights[:1])
+        return [{**row, "weight": f"{manifest.n} copies, {row['weight']} each"}]
+    return _rows(manifest.sources, manifest.weights)
+
+
+def _rows(sources, weights) -> list[dict[str, str]]:
+    rows = []
+    for rec, weight in zip(sources, weights):
+        if rec.hub is not None:
+            name = f"[{rec.hub.repo_id}](https://huggingface.co/{rec.hub.repo_id})"
+            revision = f"{rec.hub.revision or 'main'} ({rec.hub.commit[:12]})"
+        else:
+            name = f"`{Path(rec.path).name}` (local)"
+            revision = f"step {rec.step}" if rec.step is not None else "-"
+        rows.append({"name": name, "revision": revision, "weight": _number(weight)})
+    return rows
+
+
+def _base_models(manifest: Manifest) -> list[str]:
+    return list(dict.fromkeys(rec.hub.repo_id for rec in manifest.sources if rec.hub is not None))
+
+
+def _summary(manifest: Manifest) -> str:
+    n = manifest.n
+    if manifest.kind == "conversion":
+        return f"A conversion of one {manifest.preset} checkpoint to a Hugging Face directory by deepfuse {__version__}."
+    if manifest.kind == "self-fusion":
+        return (f"A self Deep Fusion of one {manifest.preset} model: {n} copies side by side, made by deepfuse "
+                f"{__version__}. Every hidden state is {n} copies of the source's, and the output is the source's "
+                "output.")
+    return (f"A Deep Fusion of {n} {manifest.preset} models, made by deepfuse {__version__}: every hidden state is "
+            "the concatenation of the sources' hidden states, and the output is the weighted average of their outputs.")
+
+
+def _facts(manifest: Manifest) -> list[tuple[str, str]]:
+    facts = [("family (rules)", f"`{manifest.preset}`")]
+    if manifest.kind != "conversion":
+        facts.append(("weights", ", ".join(map(_number, manifest.weights)) + " (of each source's logits)"))
+        norm = manifest.norm
+        facts.append(("norms", f"`--norm {norm.mode}`" + (
+            f", grouped per source (groups {norm.groups}): exact for any sources" if norm.mode == "prop" else
+            ": one norm over the whole width (loads in any runtime; exact for self-fusion)")))
+        noise = manifest.noise
+        if noise.mode == "none":
+            facts.append(("off-diagonal noise", "none (exact zeros)"))
+        else:
+            size = f"std {_number(noise.std)}" if noise.std else f"scale {_number(noise.scale)} of the blocks' RMS"
+            facts.append(("off-diagonal noise", f"{size}, mode `{noise.mode}`, seed {manifest.seed}"))
+    facts.append(("dtype", manifest.dtype or "the sources'"))
+    return facts
+
+
+def render(manifest: Manifest, *, name: str, command: str | None = None,
+           verify: dict[str, Any] | None = None) -> str:
+    """The card's text for the output ``name`` (its directory name) written by the run ``manifest``
+    records; ``command`` as the user ran it; ``verify``: the report of ``deepfuse verify`` (its JSON)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    bases = _base_models(manifest)
+    data: dict[str, Any] = {}
+    if bases:
+        data["base_model"] = bases[0] if len(bases) == 1 else bases
+        if len(bases) > 1:
+            data["base_model_relation"] = "merge"
+    card_data = ModelCardData(library_name="transformers", tags=list(TAGS), **data)
+    runtime = (manifest.rules.get("runtime") or {}).get("model_class") if isinstance(manifest.rules, dict) else None
+    card = ModelCard.from_template(
+        card_data, template_str=TEMPLATE, name=name, summary=_summary(manifest), sources=_sources(manifest),
+        command=command, facts=_facts(manifest), runtime=runtime or "AutoModel", family=manifest.preset,
+        grouped=manifest.norm.mode == "prop" and manifest.kind != "conversion", groups=manifest.norm.groups,
+        verify=verify)
+    return str(card).rstrip("\n") + "\n"
+
+
+def write_card(directory: Path, manifest: Manifest, *, name: str, command: str | None = None,
+               verify: dict[str, Any] | None = None) -> None:
+    """Write (or rewrite, with verify's figures) the model card into ``directory``."""
+    write_file(Path(directory) / MODEL_CARD_NAME,
+               render(manifest, name=name, command=command, verify=verify).encode())
