@@ -147,6 +147,16 @@ def _fix(spec: str) -> str:
         f" --revision {revision}" if revision else "")
 
 
+#: packages whose errors say the Hub (or the way to it) failed, not this program
+_NETWORK_PACKAGES = {"huggingface_hub", "requests", "urllib3", "httpx", "httpx2", "httpcore", "ssl", "socket"}
+
+
+def _from_network(exc: Exception) -> bool:
+    """Whether ``exc`` comes from huggingface_hub or the network layer under it (an OSError, an HTTP
+    library's error), as opposed to a bug here."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _NETWORK_PACKAGES
+
+
 def _hub_error(exc: Exception, spec: str, repo_id: str) -> InputError:
     """One line for what huggingface_hub raised about ``spec``."""
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -197,12 +207,15 @@ def _listing(repo_id: str, revision: str | None) -> tuple[str, list[str]] | None
         info = HfApi().model_info(repo_id, revision=revision)
     except OfflineModeIsEnabled:
         return None
-    except HfHubHTTPError:
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int) and status >= 500:  # the Hub is down: the cache may answer
+            return None
         raise
-    except Exception as exc:  # connection refused, timeout, DNS: the network layer's own errors
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
-            raise
-        return None
+    except Exception as exc:
+        if _from_network(exc):  # connection refused, timeout, DNS: the cache may answer
+            return None
+        raise
     return info.sha, [s.rfilename for s in (info.siblings or [])]
 
 
@@ -218,10 +231,8 @@ def resolve(spec: str) -> HubSource:
     repo_id, revision = parsed
     try:
         return _resolve(spec, repo_id, revision)
-    except InputError:
-        raise
     except Exception as exc:
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+        if not _from_network(exc):
             raise
         raise _hub_error(exc, spec, repo_id) from None
 
