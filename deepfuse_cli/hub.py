@@ -12,6 +12,7 @@ network) is one :class:`~deepfuse_cli.errors.InputError` naming the repository.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import re
@@ -23,6 +24,7 @@ from .errors import InputError
 from .formats.hf_layout import (BIN_INDEX, BIN_SINGLE, CONFIG, SAFE_INDEX, SAFE_SINGLE, WEIGHT_LAYOUTS, WEIGHT_SUFFIXES,
                                 is_shard_name)
 from .untrusted import read_json
+
 #: top-level files carried with the weights: config, tokenizer and generation files
 SIDE_FILES = (CONFIG, "generation_config.json", "*tokenizer*", "special_tokens_map.json", "added_tokens.json",
               "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*")
@@ -165,7 +167,8 @@ def _hub_error(exc: Exception, spec: str, repo_id: str) -> InputError:
     local = f"no such local file or directory; as a Hugging Face Hub id, {repo_id}"
     if isinstance(exc, GatedRepoError):
         return InputError(f"{spec}: {repo_id} is a gated model and this account has no access to it",
-                          f"accept its terms on https://huggingface.co/{repo_id} and log in (hf auth login, or HF_TOKEN)")
+                          f"accept its terms on https://huggingface.co/{repo_id} and log in "
+                          "(hf auth login, or HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
         return InputError(f"{spec}: {repo_id} has no revision {spec.partition('@')[2] or 'main'!r}",
                           "name an existing branch, tag or commit after '@'")
@@ -189,10 +192,14 @@ def _hub_error(exc: Exception, spec: str, repo_id: str) -> InputError:
         if status == 401:
             return InputError(f"{spec}: {local} is not a model on the Hub, or it is private (401 unauthorized)",
                               "check the id; for a private model log in (hf auth login, or HF_TOKEN)")
-        return InputError(f"{spec}: the Hugging Face Hub refused {repo_id}: {first}", "retry later, or " + _fix(repo_id))
+        return InputError(f"{spec}: the Hugging Face Hub refused {repo_id}: {first}", "retry later, or " + _fix(spec))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        return InputError(f"{spec}: cannot write to the Hugging Face cache ({cache_dir()}): {exc.strerror}",
+                          "free space there, or point HF_HUB_CACHE (or HF_HOME) at a writable place")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return InputError(f"{spec}: the Hugging Face Hub cannot be reached ({type(exc).__name__}{': ' if first else ''}"
-                      f"{first}) and {repo_id} is not in the cache", "check the network, or " + _fix(repo_id))
+                      f"{first}) and it is not in the Hugging Face cache ({cache_dir()})",
+                      "check the network (or HF_ENDPOINT), or " + _fix(spec))
 
 
 def _listing(repo_id: str, revision: str | None) -> tuple[str, list[str]] | None:

@@ -96,6 +96,8 @@ def _sources(manifest: Manifest) -> list[dict[str, str]]:
     if manifest.kind == "self-fusion":  # one source, copied: one row
         [row] = _rows(manifest.sources[:1], manifest.weights[:1])
         return [{**row, "weight": f"{manifest.n} copies, {row['weight']} each"}]
+    if manifest.kind == "conversion":
+        return [{**row, "weight": "-"} for row in _rows(manifest.sources, manifest.weights)]
     return _rows(manifest.sources, manifest.weights)
 
 
@@ -119,23 +121,48 @@ def _base_models(manifest: Manifest) -> list[str]:
 def _summary(manifest: Manifest) -> str:
     n = manifest.n
     if manifest.kind == "conversion":
-        return f"A conversion of one {manifest.preset} checkpoint to a Hugging Face directory by deepfuse {__version__}."
+        return (f"A conversion of one {manifest.preset} checkpoint to a Hugging Face directory by deepfuse "
+                f"{__version__}.")
     if manifest.kind == "self-fusion":
         return (f"A self Deep Fusion of one {manifest.preset} model: {n} copies side by side, made by deepfuse "
-                f"{__version__}. Every hidden state is {n} copies of the source's, and the output is the source's "
-                "output.")
+                f"{__version__}. Every hidden state is {n} copies of the source's, and the output is the source's.")
     return (f"A Deep Fusion of {n} {manifest.preset} models, made by deepfuse {__version__}: every hidden state is "
             "the concatenation of the sources' hidden states, and the output is the weighted average of their outputs.")
+
+
+def _has_norms(manifest: Manifest) -> bool:
+    """Whether the rules the run used fuse norm layers (unknown: assume so)."""
+    rules = manifest.rules.get("rules") if isinstance(manifest.rules, dict) else None
+    return not isinstance(rules, list) or any(isinstance(r, dict) and r.get("norm") for r in rules)
+
+
+def _function(manifest: Manifest) -> str:
+    """How exactly the checkpoint computes what its summary says."""
+    noise = manifest.noise.mode
+    if manifest.kind == "self-fusion":
+        if noise == "offdiag":
+            return "the source's, up to the off-diagonal noise"
+        return "exactly the source's" + (" (the noise is compensated on the diagonal)" if noise == "preserving" else "")
+    if noise != "none":
+        return "the weighted average of the sources' outputs, up to the off-diagonal noise"
+    if manifest.norm.mode == "rule" and _has_norms(manifest):
+        return ("approximately the weighted average of the sources' outputs: one norm over the whole width "
+                "differs from each source's own (`deepfuse verify` measures by how much; `--norm prop` is exact)")
+    return "exactly the weighted average of the sources' outputs"
 
 
 def _facts(manifest: Manifest) -> list[tuple[str, str]]:
     facts = [("family (rules)", f"`{manifest.preset}`")]
     if manifest.kind != "conversion":
+        facts.append(("function", _function(manifest)))
         facts.append(("weights", ", ".join(map(_number, manifest.weights)) + " (of each source's logits)"))
         norm = manifest.norm
-        facts.append(("norms", f"`--norm {norm.mode}`" + (
-            f", grouped per source (groups {norm.groups}): exact for any sources" if norm.mode == "prop" else
-            ": one norm over the whole width (loads in any runtime; exact for self-fusion)")))
+        if not _has_norms(manifest):
+            facts.append(("norms", f"none in the {manifest.preset} family"))
+        else:
+            facts.append(("norms", f"`--norm {norm.mode}`" + (
+                f", grouped per source (groups {norm.groups}): exact for any sources" if norm.mode == "prop" else
+                ": one norm over the whole width (loads in any runtime; exact for self-fusion)")))
         noise = manifest.noise
         if noise.mode == "none":
             facts.append(("off-diagonal noise", "none (exact zeros)"))
@@ -163,7 +190,8 @@ def render(manifest: Manifest, *, name: str, command: str | None = None,
     card = ModelCard.from_template(
         card_data, template_str=TEMPLATE, name=name, summary=_summary(manifest), sources=_sources(manifest),
         command=command, facts=_facts(manifest), runtime=runtime or "AutoModel", family=manifest.preset,
-        grouped=manifest.norm.mode == "prop" and manifest.kind != "conversion", groups=manifest.norm.groups,
+        grouped=manifest.norm.mode == "prop" and manifest.kind != "conversion" and _has_norms(manifest),
+        groups=manifest.norm.groups,
         verify=verify)
     return str(card).rstrip("\n") + "\n"
 

@@ -16,6 +16,25 @@ import os
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from deepfuse_cli.cli import app
+
+#: commit hashes of the repositories tests make
+A, B = "a" * 40, "b" * 40
+runner = CliRunner()
+
+
+def invoke(*args, expect: int = 0):
+    """Run the CLI in-process; the result and everything it printed (stdout, stderr)."""
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    try:
+        err = result.stderr
+    except ValueError:  # stderr mixed into output
+        err = ""
+    text = result.output if err in result.output else result.output + err
+    assert result.exit_code == expect, f"exit {result.exit_code} != {expect} for {args}:\n{text}"
+    return result, text
 
 
 def add_repo(cache: Path, repo_id: str, source: Path, commit: str, refs: tuple[str, ...] = ("main",),

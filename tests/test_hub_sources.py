@@ -15,26 +15,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
 from deepfuse_cli import hub
-from deepfuse_cli.cli import app
 from tests.conftest import HF
-from tests.hub_cache import add_repo, hub_cache  # noqa: F401  (fixture)
-
-A, B = "a" * 40, "b" * 40
-runner = CliRunner()
-
-
-def invoke(*args, expect: int = 0):
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    try:
-        err = result.stderr
-    except ValueError:  # stderr mixed into output
-        err = ""
-    text = result.output if err in result.output else result.output + err
-    assert result.exit_code == expect, f"exit {result.exit_code} != {expect} for {args}:\n{text}"
-    return result, text
+from tests.hub_cache import A, B, add_repo, hub_cache, invoke  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -224,7 +208,8 @@ def test_online_fetches_only_the_files_the_checkpoint_needs(online):
 
 
 def test_online_sharded_fetches_the_shards_the_index_names(online):
-    fake = online(HF / "llama-b-sharded", {"pytorch_model.bin.index.json": b"{}", "pytorch_model-00001-of-00001.bin": b"x"})
+    fake = online(HF / "llama-b-sharded", {"pytorch_model.bin.index.json": b"{}",
+                                           "pytorch_model-00001-of-00001.bin": b"x"})
     src = hub.resolve("org/llama-sharded@main")
     assert fake.asked[0] == ["config.json", "generation_config.json", "model.safetensors.index.json"]
     assert sorted(fake.asked[1]) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
