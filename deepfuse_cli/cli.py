@@ -180,8 +180,9 @@ _PRESENTATION = {"quiet", "as_json", "force", "dry_run"}
 
 
 def _command_line(ctx: typer.Context | None) -> str | None:
-    """The running command as a shell line (``deepfuse fuse A B -o OUT --norm prop``): its arguments,
-    then the options given on the command line, in the command's order."""
+    """The running command as a shell line (``deepfuse fuse A B --norm prop -o OUTPUT``): its arguments,
+    then the options given on the command line, in the command's order, then the output as a
+    placeholder (a model card must not depend on where the checkpoint was written)."""
     import shlex
 
     if ctx is None:
@@ -190,10 +191,12 @@ def _command_line(ctx: typer.Context | None) -> str | None:
     def text(value: Any) -> str:
         return str(value.value if isinstance(value, Enum) else value)
 
-    words, options = ["deepfuse", ctx.info_name or ""], []
+    words, options, output = ["deepfuse", ctx.info_name or ""], [], []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.param_type_name == "argument":
+        if param.name == "output":  # where it was written is no part of how it was made
+            output = ["-o", "OUTPUT"] if value is not None else []
+        elif param.param_type_name == "argument":
             words += [text(v) for v in value] if isinstance(value, (list, tuple)) else [text(value)]
         elif (param.name not in _PRESENTATION and value is not None
               and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"):
@@ -203,7 +206,7 @@ def _command_line(ctx: typer.Context | None) -> str | None:
                     options.append(flag)
             else:
                 options += [flag, *([text(v) for v in value] if isinstance(value, (list, tuple)) else [text(value)])]
-    return shlex.join(words + options)
+    return shlex.join(words + options + output)
 
 
 def _human(n: float) -> str:
@@ -277,8 +280,7 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
         if plan.output_adapter.model_card:  # the card shows the figures
             from .model_card import write_card
 
-            write_card(result.output, result.manifest, name=result.output.name, command=command,
-                       verify=report.to_json())
+            write_card(result.output, result.manifest, command=command, verify=report.to_json())
         if not as_json:
             _emit_verify(report, None, None, None, False)
         elif not report.passed:

@@ -381,7 +381,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, manifest.dumps().encode())
             if plan.output_adapter.model_card:
-                write_card(tmp, manifest, name=output.name, command=command)
+                write_card(tmp, manifest, command=command)
             fsync_path(tmp)
             _replace(tmp, output, force)
         except BaseException as exc:

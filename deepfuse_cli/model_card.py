@@ -4,7 +4,8 @@ Rendered by ``huggingface_hub`` (:class:`~huggingface_hub.ModelCard` from its ca
 template), from the run's manifest: Hub metadata (``base_model`` listing the sources that are Hub
 models, ``tags``, ``library_name``), how the checkpoint was made (the command, norm mode, noise,
 weights), how to load it (with the grouped-norm lines after ``--norm prop``), and the figures of
-``verify`` when it ran. The same run writes the same card: nothing in it depends on the time.
+``verify`` when it ran. The same run writes the same card: nothing in it depends on the time or on
+where the output was written (the command shows the output as ``-o OUTPUT``).
 
 The card is documentation, meant to be edited before publishing: it is not among the files whose
 digests the manifest records.
@@ -21,12 +22,14 @@ from .formats.hf import MODEL_CARD_NAME
 from .manifest import Manifest
 
 TAGS = ["deepfuse", "deep-fusion"]
+#: how the loading lines name the checkpoint (the card does not depend on where it was written)
+MODEL_PATH = "path/to/model"
 
 TEMPLATE = """---
 {{ card_data }}
 ---
 
-# {{ name }}
+# {{ title }}
 
 {{ summary }}
 
@@ -51,19 +54,22 @@ TEMPLATE = """---
 ## How to load
 
 {% if runtime == "builtin" -%}
-The {{ family }} family has no transformers model class: read its tensors with safetensors.
+The {{ family }} family has no transformers model class: read its tensors with safetensors
+(`{{ path }}` is this directory).
 
 ```python
 from safetensors.torch import load_file
 
-tensors = load_file("{{ name }}/model.safetensors")
+tensors = load_file("{{ path }}/model.safetensors")
 ```
 {%- else -%}
+`{{ path }}` is this directory, or its repository id once it is on the Hub.
+
 ```python
 from transformers import {{ runtime }}
 {% if grouped %}from deepfuse_cli.grouped_norm import apply_grouped_norms
 {% endif %}
-model = {{ runtime }}.from_pretrained("{{ name }}")
+model = {{ runtime }}.from_pretrained("{{ path }}")
 {% if grouped %}apply_grouped_norms(model)  # norms over each source's slice: groups from config.json
 {% endif -%}
 ```
@@ -112,6 +118,20 @@ def _rows(sources, weights) -> list[dict[str, str]]:
             revision = f"step {rec.step}" if rec.step is not None else "-"
         rows.append({"name": name, "revision": revision, "weight": _number(weight)})
     return rows
+
+
+def _source_name(rec) -> str:
+    return rec.hub.repo_id if rec.hub is not None else Path(rec.path).name
+
+
+def _title(manifest: Manifest) -> str:
+    names = [_source_name(rec) for rec in manifest.sources]
+    if manifest.kind == "conversion":
+        return f"{names[0]}, converted to Hugging Face"
+    if manifest.kind == "self-fusion":
+        return f"{names[0]} x{manifest.n}: self Deep Fusion"
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    return f"Deep Fusion of {listed}"
 
 
 def _base_models(manifest: Manifest) -> list[str]:
@@ -173,10 +193,10 @@ def _facts(manifest: Manifest) -> list[tuple[str, str]]:
     return facts
 
 
-def render(manifest: Manifest, *, name: str, command: str | None = None,
-           verify: dict[str, Any] | None = None) -> str:
-    """The card's text for the output ``name`` (its directory name) written by the run ``manifest``
-    records; ``command`` as the user ran it; ``verify``: the report of ``deepfuse verify`` (its JSON)."""
+def render(manifest: Manifest, *, command: str | None = None, verify: dict[str, Any] | None = None) -> str:
+    """The card's text for the output of the run ``manifest`` records; ``command`` as the user ran it
+    (its output named by a placeholder); ``verify``: the report of ``deepfuse verify`` (its JSON).
+    Nothing in it depends on where the output was written: the same run writes the same bytes."""
     from huggingface_hub import ModelCard, ModelCardData
 
     bases = _base_models(manifest)
@@ -188,7 +208,7 @@ def render(manifest: Manifest, *, name: str, command: str | None = None,
     card_data = ModelCardData(library_name="transformers", tags=list(TAGS), **data)
     runtime = (manifest.rules.get("runtime") or {}).get("model_class") if isinstance(manifest.rules, dict) else None
     card = ModelCard.from_template(
-        card_data, template_str=TEMPLATE, name=name, summary=_summary(manifest), sources=_sources(manifest),
+        card_data, template_str=TEMPLATE, title=_title(manifest), path=MODEL_PATH, summary=_summary(manifest), sources=_sources(manifest),
         command=command, facts=_facts(manifest), runtime=runtime or "AutoModel", family=manifest.preset,
         grouped=manifest.norm.mode == "prop" and manifest.kind != "conversion" and _has_norms(manifest),
         groups=manifest.norm.groups,
@@ -196,8 +216,7 @@ def render(manifest: Manifest, *, name: str, command: str | None = None,
     return str(card).rstrip("\n") + "\n"
 
 
-def write_card(directory: Path, manifest: Manifest, *, name: str, command: str | None = None,
+def write_card(directory: Path, manifest: Manifest, *, command: str | None = None,
                verify: dict[str, Any] | None = None) -> None:
     """Write (or rewrite, with verify's figures) the model card into ``directory``."""
-    write_file(Path(directory) / MODEL_CARD_NAME,
-               render(manifest, name=name, command=command, verify=verify).encode())
+    write_file(Path(directory) / MODEL_CARD_NAME, render(manifest, command=command, verify=verify).encode())

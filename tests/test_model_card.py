@@ -38,12 +38,13 @@ def test_self_fuse_of_a_hub_model(repos, tmp_path, monkeypatch):
     assert c.data.library_name == "transformers" and c.data.tags == ["deepfuse", "deep-fusion"]
     assert c.data.to_dict().get("base_model_relation") is None
     assert code_blocks(c.text, "bash") == [
-        "deepfuse self-fuse org/llama-a --times 2 --output big --noise-scale 0.01 --noise-mode preserving --seed 3\n"]
+        "deepfuse self-fuse org/llama-a --times 2 --noise-scale 0.01 --noise-mode preserving --seed 3 -o OUTPUT\n"]
+    assert c.text.startswith("\n# org/llama-a x2: self Deep Fusion\n")
     assert "[org/llama-a](https://huggingface.co/org/llama-a) | main (aaaaaaaaaaaa) | 2 copies, 0.5 each" in c.text
     assert "scale 0.01 of the blocks' RMS, mode `preserving`, seed 3" in c.text
     assert "exactly the source's" in c.text and "apply_grouped_norms" not in c.text
     assert "## Verification" not in c.text
-    assert 'AutoModelForCausalLM.from_pretrained("big")' in c.text
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/model")' in c.text
 
 
 def test_fuse_with_norm_prop_the_loading_lines_work(repos, tmp_path, monkeypatch):
@@ -57,7 +58,7 @@ def test_fuse_with_norm_prop_the_loading_lines_work(repos, tmp_path, monkeypatch
     [load] = code_blocks(c.text, "python")
     assert "from deepfuse_cli.grouped_norm import apply_grouped_norms" in load and "apply_grouped_norms(model)" in load
     scope: dict = {}
-    exec(load, scope)  # the card's own lines load the checkpoint and make its norms grouped
+    exec(load.replace("path/to/model", "fused"), scope)  # the card's lines load it and make its norms grouped
     model = scope["model"]
     assert sum(type(m).__name__ == "GroupedNorm" for m in model.modules()) == 2 * 2 + 1  # 2 layers x 2, final
     with torch.no_grad():
@@ -84,17 +85,17 @@ def test_local_sources_are_named_not_listed_as_base_models(tmp_path):
     assert c.data.base_model is None and c.data.tags == ["deepfuse", "deep-fusion"]
     assert "| 1 | `llama-a` (local) | - | 0.5 |" in c.text
     assert "approximately the weighted average" in c.text and "`--norm rule`" in c.text
-    assert str(tmp_path) in code_blocks(c.text, "bash")[0]  # the command as it was run
+    assert code_blocks(c.text, "bash")[0] == f"deepfuse fuse {HF / 'llama-a'} {HF / 'llama-b'} -o OUTPUT\n"
 
 
-def test_the_same_command_writes_the_same_card(tmp_path, monkeypatch):
+def test_the_same_command_writes_the_same_card_wherever_it_writes(tmp_path):
     texts = []
-    for where in ("one", "two"):
-        (tmp_path / where).mkdir()
-        monkeypatch.chdir(tmp_path / where)
-        invoke("fuse", HF / "llama-a", HF / "llama-b", "-o", "out", "--noise-std", "0.01", "--seed", "7", "-q")
-        texts.append((tmp_path / where / "out" / "README.md").read_bytes())
-    assert texts[0] == texts[1]
+    for where in ("one", "two/deeper"):
+        out = tmp_path / where
+        invoke("fuse", HF / "llama-a", HF / "llama-b", "-o", out, "--noise-std", "0.01", "--seed", "7", "-q")
+        texts.append((out / "README.md").read_text())
+    assert texts[0] == texts[1] and "# Deep Fusion of llama-a and llama-b" in texts[0]
+    assert str(tmp_path) not in texts[0]
 
 
 def test_a_source_card_is_not_copied(tmp_path):
@@ -113,6 +114,7 @@ def test_conversion_to_hugging_face_gets_a_card_and_t5x_outputs_none(tmp_path):
     c = card(tmp_path / "hf")
     assert c.data.library_name == "transformers" and "deepfuse" in c.data.tags
     assert "A conversion of one t5 checkpoint" in c.text
-    assert 'T5ForConditionalGeneration.from_pretrained("hf")' in c.text and "weights:" not in c.text
+    assert 'T5ForConditionalGeneration.from_pretrained("path/to/model")' in c.text and "weights:" not in c.text
+    assert "# legacy-a, converted to Hugging Face" in c.text
     invoke("self-fuse", FIXTURES / "t5x" / "legacy-a", "--times", "2", "-o", tmp_path / "t5x", "-q")
     assert not (tmp_path / "t5x" / "README.md").exists()
