@@ -181,10 +181,10 @@ def _hub_error(exc: Exception, spec: str, repo_id: str) -> InputError:
         if revision and (cache_dir() / ("models--" + repo_id.replace("/", "--"))).is_dir():
             what = f"revision {revision!r} of {repo_id} is not {where}"
         else:
-            what = f"it is not {where}"
+            what = f"no local path of that name, and it is not {where}"
         if offline():
             return InputError(f"{spec}: {what} and HF_HUB_OFFLINE is set", _fix(spec))
-        return InputError(f"{spec}: the Hugging Face Hub cannot be reached and {what}",
+        return InputError(f"{spec}: {what}, and the Hugging Face Hub cannot be reached",
                           "check the network (or HF_ENDPOINT), or " + _fix(spec))
     if isinstance(exc, HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -247,15 +247,28 @@ def resolve(spec: str) -> HubSource:
 def _resolve(spec: str, repo_id: str, revision: str | None) -> HubSource:
     from huggingface_hub import snapshot_download
 
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
+
     cache = cache_dir()
-    listed = _listing(repo_id, revision)
+    refused: Exception | None = None
+    try:
+        listed = _listing(repo_id, revision)
+    except RevisionNotFoundError:
+        raise
+    except HfHubHTTPError as exc:  # no such repository, gated, private: what the cache holds still serves
+        listed, refused = None, exc
 
     def fetch(rev: str | None, names: list[str], cached_only: bool) -> Path:
         return Path(snapshot_download(repo_id, revision=rev, cache_dir=cache, local_files_only=cached_only,
                                       allow_patterns=[_pattern(n) for n in names] or ["<none>"]))
 
     if listed is None:  # the cache answers: the snapshot of that revision, with what it holds
-        folder = fetch(revision, [], True)
+        try:
+            folder = fetch(revision, [], True)
+        except LocalEntryNotFoundError:
+            if refused is not None:
+                raise refused from None
+            raise
         commit, files = folder.name, _cached_files(folder)
         layout = _weight_layout(files, f"{spec} (cached at {folder})")
         side = _side_files(files)

@@ -126,7 +126,7 @@ def test_a_local_directory_of_the_same_name_wins_with_a_note(repos, tmp_path, mo
 
 
 @pytest.mark.parametrize("spec, says", [
-    ("org/missing", "org/missing: it is not in the Hugging Face cache"),
+    ("org/missing", "org/missing: no local path of that name, and it is not in the Hugging Face cache"),
     ("org/llama@v9", "org/llama@v9: revision 'v9' of org/llama is not in the Hugging Face cache"),
 ])
 def test_missing_offline_is_one_line_naming_the_repo(repos, tmp_path, spec, says):
@@ -246,7 +246,8 @@ def test_no_network_falls_back_to_the_cache(online, repos, tmp_path):
     invoke("self-fuse", "org/llama", "--times", "2", "-o", tmp_path / "out", "-q")
     assert sources_of(tmp_path / "out")[0]["hub"]["commit"] == A
     _, text = invoke("inspect", "org/other", expect=2)
-    assert "org/other: the Hugging Face Hub cannot be reached and it is not in the Hugging Face cache" in text
+    assert "org/other: no local path of that name, and it is not in the Hugging Face cache" in text
+    assert "and the Hugging Face Hub cannot be reached" in text
 
 
 def test_offline_mode_is_read_when_asked(monkeypatch):
@@ -256,3 +257,15 @@ def test_offline_mode_is_read_when_asked(monkeypatch):
     assert not hub.offline()
     monkeypatch.setenv("HF_HUB_CACHE", os.fspath(Path("/somewhere")))
     assert hub.cache_dir() == Path("/somewhere")
+
+
+def test_a_refusing_hub_still_lets_the_cache_serve(online, repos, tmp_path):
+    """A repository gone private or deleted since it was fetched: its cached snapshot still serves
+    (as huggingface_hub's own downloads do); a revision the Hub says does not exist does not."""
+    from huggingface_hub import errors
+
+    online(HF / "llama-a", error=_http(errors.RepositoryNotFoundError, 404))
+    invoke("inspect", "org/llama")
+    online(HF / "llama-a", error=_http(errors.RevisionNotFoundError, 404))
+    _, text = invoke("inspect", "org/llama", expect=2)
+    assert "org/llama: org/llama has no revision 'main'" in text
