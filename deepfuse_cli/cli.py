@@ -448,6 +448,9 @@ def inspect(
     info = {"path": str(ck.path), "format": ck.format, "family": preset.name if preset else None,
             "family_error": family_error, "tensors": rows, "total_bytes": ck.total_bytes,
             "model_type": (ck.config or {}).get("model_type")}
+    source = ck.metadata.get("hub")
+    if source is not None:
+        info["hub"] = {"repo_id": source.repo_id, "revision": source.revision, "commit": source.commit}
     if as_json:
         out.print_json(json.dumps(info))
         return

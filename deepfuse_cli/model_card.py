@@ -114,7 +114,7 @@ def _rows(sources, weights) -> list[dict[str, str]]:
             name = f"[{rec.hub.repo_id}](https://huggingface.co/{rec.hub.repo_id})"
             revision = f"{rec.hub.revision or 'main'} ({rec.hub.commit[:12]})"
         else:
-            name = f"`{Path(rec.path).name}` (local)"
+            name = "`" + Path(rec.path).name.replace("`", "'").replace("|", "\\|") + "` (local)"
             revision = f"step {rec.step}" if rec.step is not None else "-"
         rows.append({"name": name, "revision": revision, "weight": _number(weight)})
     return rows

@@ -82,6 +82,7 @@ def test_plan_inspect_convert_and_rules_check_take_hub_ids(repos, tmp_path):
     result, _ = invoke("inspect", "org/llama", "--json")
     info = json.loads(result.stdout)
     assert info["family"] == "llama" and info["path"].endswith(A)
+    assert info["hub"] == {"repo_id": "org/llama", "revision": None, "commit": A}
     invoke("rules", "check", "llama", "org/llama")
     invoke("convert", "org/t5", "--to", "t5x", "-o", tmp_path / "t5x", "-q")
     invoke("convert", tmp_path / "t5-hf", "--to", "t5x", "-o", tmp_path / "t5x-local", "-q")
