@@ -33,7 +33,8 @@ from typer.testing import CliRunner
 from deepfuse_cli.architectures import family_of
 from deepfuse_cli.cli import app
 from deepfuse_cli.grouped_norm import GroupedNorm, apply_grouped_norms
-from deepfuse_cli.ops import FuseContext, get as get_op
+from deepfuse_cli.ops import FuseContext
+from deepfuse_cli.ops import get as get_op
 from deepfuse_cli.rules import load_preset
 from deepfuse_cli.rules.engine import preset_for_config
 from deepfuse_cli.rules.schema import Rule
@@ -184,6 +185,26 @@ def test_gemma3_different_sources_are_refused_at_the_shared_head_norm(norm, hf_f
     error = clean_refusal(result, ["model.layers.0.self_attn.", "_norm.weight", "must be identical"])
     assert "source 2" in error
     assert not out.exists()
+
+
+def test_gemma3_sources_sharing_their_head_norms_fuse_exactly_with_grouped_norms(hf_fixtures, tmp_path):
+    """Only the shared per-head norm stops Gemma 3: a wider source given the first one's q_norm/k_norm
+    (as a fine-tune that froze them) fuses, and --norm prop is exact."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    b = tmp_path / "b"
+    shutil.copytree(hf_fixtures / "gemma3_text-b", b)
+    state, first = tensors(b), tensors(hf_fixtures / "gemma3_text-a")
+    state.update({k: first[k] for k in state if k.endswith(("q_norm.weight", "k_norm.weight"))})
+    save_file(state, str(b / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "fused"
+    cli("fuse", hf_fixtures / "gemma3_text-a", b, "-o", out, "--norm", "prop", "-q")
+    model = load(out)
+    assert apply_grouped_norms(model) == 9  # 4 per layer and the final norm; q_norm/k_norm stay per head
+    logits, hidden = run(model, probe())
+    assert_fused_function(logits, hidden, [source_outputs("gemma3_text-a"), run(load(b), probe())], [0.5, 0.5])
 
 
 def test_rules_of_another_family_are_refused_on_gemma(hf_fixtures, tmp_path):
