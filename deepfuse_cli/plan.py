@@ -520,7 +520,7 @@ def _runtime_scales(plan: Plan, family: Family, configs: list[dict | None]) -> N
     fused = plan.config  # in the family's vocabulary, as the sources' configs
     noted: set[int] = set()
     for e in plan.entries:
-        scales = family.runtime_scales(e.rule, configs, fused)
+        scales = family.runtime_scales(e.rule, configs, fused, e.name)
         if scales is None:
             continue
         e.scales = scales

@@ -228,6 +228,18 @@ def test_a_fused_config_the_runtime_would_refuse_is_refused_before_writing(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_bare_weights_without_a_config_are_refused_for_the_embedding_factor(hf_fixtures, tmp_path):
+    """The factor sqrt(d_m / D) needs the widths from config.json: bare weight files are refused, not
+    fused with a plain concatenation."""
+    import shutil
+
+    bare = tmp_path / "gemma.safetensors"
+    shutil.copy(hf_fixtures / "gemma-a" / "model.safetensors", bare)
+    result = runner.invoke(app, ["self-fuse", str(bare), "--rules", "gemma", "-o", str(tmp_path / "out")])
+    clean_refusal(result, [f"tensor {EMBED!r}", "hidden_size ** 0.5", "config.json"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_tensor_level_verify_catches_a_concat_that_drops_the_runtime_scale(hf_fixtures, tmp_path, monkeypatch):
     """The embedding's blocks are checked against sqrt(d_m / D) x E_m, from the rule: a concat op that
     ignores the factors writes a plain concatenation, and verify names the block."""
@@ -258,7 +270,7 @@ def test_family_factors_and_deviations_from_the_config():
     fam = family_of(load_preset("gemma2"))
     rule = next(r for r in fam.preset.rules if r.runtime_scale)
     configs = [{"hidden_size": 16}, {"hidden_size": 24}]
-    scales = fam.runtime_scales(rule, configs, {"hidden_size": 40})
+    scales = fam.runtime_scales(rule, configs, {"hidden_size": 40}, EMBED)
     assert scales == pytest.approx([math.sqrt(16 / 40), math.sqrt(24 / 40)])
     assert fam.deviations([{"final_logit_softcapping": 30.0}, {"final_logit_softcapping": 30.0}])
     assert fam.deviations([{"final_logit_softcapping": None}, {}]) == []

@@ -116,17 +116,21 @@ class Family:
                              "this config.json", "the config lacks a field the family needs")
         return float(value)
 
-    def runtime_scales(self, rule: Rule, configs: list[dict | None], fused: dict | None) -> list[float] | None:
+    def runtime_scales(self, rule: Rule, configs: list[dict | None], fused: dict | None,
+                       name: str) -> list[float] | None:
         """Per source, the factor its block of a ``runtime_scale`` tensor is stored times:
-        ``runtime_scale(source m) / runtime_scale(fused)`` (None for other tensors, or without configs)."""
+        ``runtime_scale(source m) / runtime_scale(fused)`` (None for other tensors)."""
         text = rule.runtime_scale
-        if text is None or fused is None or any(c is None for c in configs):
+        if text is None:
             return None
+        if fused is None or any(c is None for c in configs):
+            raise InputError(f"the {self.name} runtime multiplies tensor {name!r} by {text}, which needs every "
+                             "source's config.json", "give model directories with their config.json")
         values = []
         for c in [*configs, fused]:
             value = evaluate(text, self.view(c))
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise InputError(f"the {self.name} runtime scale {text!r} of {rule.pattern!r} is {value!r} for this "
+                raise InputError(f"the {self.name} runtime scale {text!r} of tensor {name!r} is {value!r} for this "
                                  "config.json, expected a positive number", "the config lacks a field the family needs")
             values.append(float(value))
         *each, whole = values

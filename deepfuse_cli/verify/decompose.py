@@ -221,14 +221,15 @@ def block_diagonal(lay: Layout) -> list[Block]:
 
 
 def concat(lay: Layout) -> list[Block]:
-    """Source m's slice along the one widened axis; for a rule with a ``runtime_scale`` r (the runtime
-    multiplies the tensor by r(config), Gemma's embedding by sqrt(hidden_size)), source m's slice
-    times r(source m) / r(fused), so that r(fused) x slice m = r(source m) x source m."""
+    """Source m's slice along the one widened axis; with per-source factors (the plan gives them for a
+    rule with a ``runtime_scale`` r: the runtime multiplies the tensor by r(config), Gemma's embedding
+    by sqrt(hidden_size)), source m's slice times r(source m) / r(fused), so that r(fused) x slice m
+    = r(source m) x source m."""
     axis = lay.rule.widened_axes[0]
-    if lay.rule.runtime_scale is None:
+    if lay.scales is None:
         return _slices(lay, _whole(lay), axis, 0, None)
-    if lay.scales is None or len(lay.scales) != lay.n:
-        raise CannotDecompose(f"a concat with runtime_scale needs one factor per source, the plan has {lay.scales}")
+    if len(lay.scales) != lay.n:
+        raise CannotDecompose(f"a scaled concat needs one factor per source, the plan has {lay.scales}")
     return _slices(lay, _whole(lay), axis, 0, None, scales=lay.scales, output=False)
 
 
