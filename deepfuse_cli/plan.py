@@ -100,6 +100,7 @@ class Plan:
     weights_rescaled: bool = False
     notes: list[str] = field(default_factory=list)
     nonfinite: list[dict[str, Any]] = field(default_factory=list)  # filled while fusing (--allow-nonfinite)
+    deviations: list[str] = field(default_factory=list)  # the family's runtime is not the average of these sources
     output_format: str = formats.HUGGING_FACE.name  # registered name of the output's format adapter
     conversion: Conversion = IDENTITY  # plan names -> the output format's names and layout
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
@@ -478,6 +479,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
                 weights_rescaled=options.weights_rescaled)
     plan.config = widen_config(sources, family, configs, options, groups)
+    if not options.convert_only:
+        family.check_fused(plan.config)
+        _runtime_scales(plan, family, configs)
+        if n > 1 and not options.self_fusion:
+            plan.deviations = family.deviations(configs)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
         writer = plan.output_adapter
@@ -500,9 +506,28 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.norm == "rule" and n > 1 and not options.self_fusion:
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
+    for reason in plan.deviations:
+        plan.notes.append(f"{reason}; the fused function approximates the average of these sources (run "
+                          "`deepfuse verify` to measure by how much)")
     if options.max_memory is not None:
         plan.fit_memory(options.max_memory)
     return plan
+
+
+def _runtime_scales(plan: Plan, family: Family, configs: list[dict | None]) -> None:
+    """Tensors the runtime multiplies by a width-dependent factor (a rule's ``runtime_scale``, e.g. Gemma's
+    embedding by sqrt(hidden_size)): each source's block is stored times its factor over the fused one."""
+    fused = plan.config  # in the family's vocabulary, as the sources' configs
+    noted: set[int] = set()
+    for e in plan.entries:
+        scales = family.runtime_scales(e.rule, configs, fused, e.name)
+        if scales is None:
+            continue
+        e.scales = scales
+        if e.rule_index not in noted:
+            noted.add(e.rule_index)
+            plan.notes.append(f"{e.name}: the runtime multiplies it by {e.rule.runtime_scale} (of its own config), so "
+                              "source blocks are stored times " + ", ".join(f"{x:.6g}" for x in scales))
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:

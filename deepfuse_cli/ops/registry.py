@@ -55,7 +55,7 @@ class FuseContext:
     """Everything an op needs besides its sources and rule.
 
     ``weights``: w_m, summing to 1. ``scales``: per-source factors of an output projection
-    (w_m times the source's output scale). ``noise``: off-diagonal noise, None for zeros.
+    (w_m times the source's output scale), or of an op that ``takes_scales`` (one per source, else None). ``noise``: off-diagonal noise, None for zeros.
     ``ring``: buffers the row blocks may live in (a fresh small ring when None); ``pool``: a
     thread on which noise of later block rows may be drawn ahead. ``chunk_bytes``: row-block
     size (default ``CHUNK_BYTES``).
@@ -88,6 +88,9 @@ class FusionOp(ABC):
     scales_gradients: ClassVar[bool] = True
     #: the op averages the sources' outputs: ``FuseContext.scales`` holds w_m x output scale m
     averages_outputs: ClassVar[bool] = False
+    #: each source's block may be scaled by its own factor (``FuseContext.scales``): a rule's
+    #: ``runtime_scale`` (a tensor the runtime multiplies by a width-dependent factor)
+    takes_scales: ClassVar[bool] = False
     #: tensors of any dtype are accepted (copied, never computed); else floating point only
     any_dtype: ClassVar[bool] = False
 

@@ -53,7 +53,8 @@ class SplitFuseConcat(FusionOp):
 
         def fused_part(k: int, ring: BufferRing) -> Iterator[Tensor]:
             noise = None if ctx.noise is None else ctx.noise.part(k)
-            return inner.rows([p[k] for p in pieces], rule, replace(ctx, ring=ring, noise=noise))
+            # parts are not scaled (this op does not take per-source factors)
+            return inner.rows([p[k] for p in pieces], rule, replace(ctx, ring=ring, noise=noise, scales=None))
 
         return _concat_parts(fused_part, split_axis, parts, ctx)
 

@@ -103,6 +103,10 @@ class Rule(_Strict):
     parts: int | None = Field(default=None, ge=2, description="split_fuse_concat: number of parts on the 'qkv' axis")
     optional: bool = Field(default=False, description="the rule may claim nothing in a model (e.g. optional biases)")
     norm: bool = Field(default=False, description="a normalisation scale/bias (grouped in --norm prop)")
+    runtime_scale: str | None = Field(
+        default=None, description="the runtime multiplies this tensor by this expression over its config, e.g. "
+        "Gemma's embedding by 'hidden_size ** 0.5'; source m's block is stored times runtime_scale(source m) / "
+        "runtime_scale(fused config), so that the runtime's product is each source's own")
     names: dict[str, NamingName] = Field(
         default_factory=dict, description="this tensor's name in other namings (e.g. 't5x'), for conversion")
     note: str | None = None
@@ -113,6 +117,11 @@ class Rule(_Strict):
         for naming in v:
             _known_naming(naming)
         return v
+
+    @field_validator("runtime_scale")
+    @classmethod
+    def _scale_expression(cls, v: str | None) -> str | None:
+        return None if v is None else _valid_expression(v)
 
     @field_validator("pattern")
     @classmethod
@@ -150,6 +159,8 @@ class Rule(_Strict):
             raise ValueError(f"input_axis is only meaningful for {takers}, not {op.name}")
         if not op.takes_parts and self.parts is not None:
             raise ValueError(f"parts is only meaningful for {_ops_that(lambda o: o.takes_parts)}")
+        if not op.takes_scales and self.runtime_scale is not None:
+            raise ValueError(f"runtime_scale is only meaningful for {_ops_that(lambda o: o.takes_scales)}, not {op.name}")
         return self
 
     @property
@@ -212,12 +223,23 @@ class ConfigSpec(_Strict):
         default_factory=dict, description="widened axis role -> its size in one source, as an expression over the "
         "config (e.g. kv: 'num_key_value_heads * head_dim'); checked against every tensor before planning")
     sizes: list[str] = Field(default_factory=list, description="integer size fields (validated as non-negative)")
+    require: dict[str, str] = Field(
+        default_factory=dict, description="conditions the fused config must meet for the runtime to load it, as "
+        "expressions over it -> what the runtime demands (e.g. 'hidden_size % num_attention_heads == 0'); a fusion "
+        "whose config fails one is refused before anything is written")
     width: str | None = Field(default=None, description="legacy: the model-width field (same as widths.hidden)")
 
     @field_validator("derived", "widths")
     @classmethod
     def _expressions(cls, v: dict[str, str]) -> dict[str, str]:
         for text in v.values():
+            _valid_expression(text)
+        return v
+
+    @field_validator("require")
+    @classmethod
+    def _conditions(cls, v: dict[str, str]) -> dict[str, str]:
+        for text in v:
             _valid_expression(text)
         return v
 
@@ -255,6 +277,20 @@ class NormSpec(_Strict):
     offset: float = Field(default=0.0, description="the scale is (offset + weight), e.g. 1.0 for Gemma")
 
 
+class DeviationSpec(_Strict):
+    """Where the family's runtime cannot compute the average of different sources whatever the weights
+    (e.g. a cap applied to the averaged logits): ``verify`` reports the deviation as expected."""
+
+    when: str = Field(description="expression over a source's config: the deviation applies when it is true in any "
+                      "source (e.g. 'final_logit_softcapping')")
+    reason: str = Field(description="what the runtime computes instead, one line")
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: str) -> str:
+        return _valid_expression(v)
+
+
 class Preset(_Strict):
     name: str
     description: str = ""
@@ -265,6 +301,8 @@ class Preset(_Strict):
     naming: str = Field(default="hf", description="the naming the patterns are written in")
     runtime: RuntimeSpec | None = None
     norms: list[NormSpec] = Field(default_factory=list)
+    deviations: list[DeviationSpec] = Field(
+        default_factory=list, description="where the runtime is not the average of different sources (verify: expected)")
     output: OutputSpec | None = None
     config: ConfigSpec | None = None
     rules: list[Rule]
