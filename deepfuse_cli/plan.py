@@ -58,6 +58,7 @@ class PlanEntry:
     dtype: torch.dtype
     noise: bool  # off-diagonal noise applies to this tensor
     scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
+    part_sizes: list[list[int]] | None = None  # parts named by role: each part's size in each source
 
     @property
     def nbytes(self) -> int:
@@ -436,6 +437,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
     matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
     output_scales = [family.output_scale(c) for c in configs]
+    sized_parts = any(isinstance(r.parts, list) for r in preset.rules)
+    source_widths = [family.widths(c) for c in configs] if sized_parts else []
 
     entries: list[PlanEntry] = []
     for name in names:
@@ -466,9 +469,10 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         scales = None
         if op.averages_outputs:
             scales = [options.weights[m] * output_scales[m] for m in range(n)]
+        part_sizes = _part_sizes(sources, family, source_widths, name, rule, [r.shape for r in refs])
         entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
-                                 shape=shape, dtype=dtype, noise=noise, scales=scales))
+                                 shape=shape, dtype=dtype, noise=noise, scales=scales, part_sizes=part_sizes))
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
@@ -503,6 +507,34 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.max_memory is not None:
         plan.fit_memory(options.max_memory)
     return plan
+
+
+def _part_sizes(sources: list[Checkpoint], family: Family, widths: list[dict[str, Any]], name: str, rule: Rule,
+                shapes: list[tuple[int, ...]]) -> list[list[int]] | None:
+    """For a rule whose ``parts`` name roles (Phi-3's [heads, kv, kv]): each part's size in each source,
+    from the family's width expressions over that source's config; they must tile the 'qkv' axis."""
+    if not isinstance(rule.parts, list):
+        return None
+    axis = rule.axes.index("qkv")
+    exprs = family.preset.config.width_expressions() if family.preset.config is not None else {}
+    out = []
+    for m, (ck, w) in enumerate(zip(sources, widths, strict=True)):
+        sizes = []
+        for role in rule.parts:
+            size = w.get(role)
+            if type(size) is not int:
+                why = f"the family gives no width for role {role!r}" if role not in exprs else \
+                    f"{exprs[role]} is {size!r} in its config.json"
+                raise InputError(f"{_origin(ck, m)}: tensor {name!r} is split into parts {rule.parts}, but {why}",
+                                 "give the model directory with its config.json (and the family's widths)")
+            sizes.append(size)
+        if sum(sizes) != shapes[m][axis]:
+            text = " + ".join(f"{role} {size}" for role, size in zip(rule.parts, sizes, strict=True))
+            raise InputError(f"{_origin(ck, m)}: tensor {name!r} axis {axis} has {shapes[m][axis]} entries, but its "
+                             f"parts are {text} = {sum(sizes)} by config.json",
+                             "config.json does not describe these weights: fix it or use the model's own config")
+        out.append(sizes)
+    return out
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:
