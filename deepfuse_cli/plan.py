@@ -28,6 +28,7 @@ from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
+from .rules.expr import evaluate
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
@@ -281,7 +282,7 @@ def source_configs(sources: list[Checkpoint], family: Family) -> list[dict | Non
     return [family.canonical_config(ck.config, naming_of(ck)) for ck in sources]
 
 
-def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None]) -> None:
+def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None], fusing: bool = True) -> None:
     spec = family.preset.config
     if spec is None:
         return
@@ -293,6 +294,12 @@ def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict 
                              "give model directories for every source")
         family.check_sizes(c, f"{_origin(ck, m)} config")  # before any arithmetic on them
     views = [family.view(c) for c in configs]
+    for text, reason in (spec.refuse.items() if fusing else ()):
+        for m, v in enumerate(views):
+            if evaluate(text, v):
+                raise InputError(f"{_origin(sources[m], m)}: no fused {family.name} model computes this source's "
+                                 f"function: {reason}",
+                                 f"no exact wider form exists for {family.name} checkpoints with {text} (config.json)")
     for key in spec.equal:
         ref = views[0].get(key)
         for m, v in enumerate(views[1:], start=1):
@@ -406,7 +413,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         preset = conversion_preset(preset)
     family = family_of(preset)
     configs = source_configs(sources, family)
-    check_configs(sources, family, configs)
+    check_configs(sources, family, configs, fusing=not options.convert_only)
 
     tensors: list[dict[str, TensorRef]] = []
     tied: list[bool] = []

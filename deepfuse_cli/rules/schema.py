@@ -230,12 +230,22 @@ class ConfigSpec(_Strict):
         default_factory=dict, description="widened axis role -> its size in one source, as an expression over the "
         "config (e.g. kv: 'num_key_value_heads * head_dim'); checked against every tensor before planning")
     sizes: list[str] = Field(default_factory=list, description="integer size fields (validated as non-negative)")
+    refuse: dict[str, str] = Field(
+        default_factory=dict, description="expression over a source's config (with the derived values) -> the reason "
+        "no exact fused model exists when it is true (e.g. alibi: slopes depend on the number of heads)")
     width: str | None = Field(default=None, description="legacy: the model-width field (same as widths.hidden)")
 
     @field_validator("derived", "widths")
     @classmethod
     def _expressions(cls, v: dict[str, str]) -> dict[str, str]:
         for text in v.values():
+            _valid_expression(text)
+        return v
+
+    @field_validator("refuse")
+    @classmethod
+    def _refusals(cls, v: dict[str, str]) -> dict[str, str]:
+        for text in v:
             _valid_expression(text)
         return v
 
