@@ -524,14 +524,17 @@ def _part_sizes(sources: list[Checkpoint], family: Family, widths: list[dict[str
         return None
     axis = rule.axes.index("qkv")
     exprs = family.preset.config.width_expressions() if family.preset.config is not None else {}
+    if len(sources) == 1 and any(type(widths[0].get(role)) is not int for role in rule.parts):
+        return [[shapes[0][axis], *[0] * (len(rule.parts) - 1)]]  # a conversion: one source's parts stay in place
     out = []
     for m, (ck, w) in enumerate(zip(sources, widths, strict=True)):
         sizes = []
         for role in rule.parts:
             size = w.get(role)
             if type(size) is not int:
-                why = f"the family gives no width for role {role!r}" if role not in exprs else \
-                    f"{exprs[role]} is {size!r} in its config.json"
+                why = (f"the family gives no width for role {role!r}" if role not in exprs else
+                       "it has no config.json to size them" if not ck.config else
+                       f"{exprs[role]} is {size!r} in its config.json")
                 raise InputError(f"{_origin(ck, m)}: tensor {name!r} is split into parts {rule.parts}, but {why}",
                                  "give the model directory with its config.json (and the family's widths)")
             sizes.append(size)
