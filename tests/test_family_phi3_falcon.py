@@ -295,3 +295,19 @@ def test_equal_parts_decompose_as_before_and_sized_parts_need_their_sizes():
 def test_invalid_parts_are_refused_by_the_schema(parts, message):
     with pytest.raises(ValidationError, match=message):
         Rule(pattern="t", op="split_fuse_concat", axes=["qkv", "hidden"], parts=parts, input_axis=1)
+
+
+def test_sized_parts_need_a_config_to_fuse_but_not_to_convert(tmp_path):
+    """Part sizes come from config.json: a bare weights file cannot be fused (refused, naming the tensor),
+    while a conversion (one source) keeps the tensor as it is."""
+    from safetensors.torch import load_file
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(HF / "phi3-a" / "model.safetensors", bare / "model.safetensors")
+    result = runner.invoke(app, ["self-fuse", str(bare / "model.safetensors"), "--rules", "phi3",
+                                 "-o", str(tmp_path / "out")])
+    clean_refusal(result, ["source 1", "gate_up_proj.weight", "no config.json"])
+    cli("convert", HF / "phi3-a", "--to", "safetensors", "-o", tmp_path / "conv", "-q")
+    a, b = load_file(HF / "phi3-a" / "model.safetensors"), load_file(tmp_path / "conv" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
