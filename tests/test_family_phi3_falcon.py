@@ -172,6 +172,22 @@ def test_phi3_config_that_does_not_tile_qkv_is_refused_naming_the_tensor(tmp_pat
     clean_refusal(result, ["source 1", "qkv_proj.weight", "32 entries", "heads 16 + kv 4 + kv 4 = 24"])
 
 
+def test_falcon_config_without_its_defaulted_fields_fuses_as_transformers_reads_it(tmp_path):
+    """multi_query and parallel_attn default to true in transformers: a config.json without them is Falcon-7B's
+    layout, and fuses into the same config as one that says so."""
+    src = tmp_path / "bare-config"
+    shutil.copytree(HF / "falcon-mq-a", src)
+    cfg = config(src)
+    for key in ("multi_query", "parallel_attn", "num_kv_heads", "num_ln_in_parallel_attn", "new_decoder_architecture"):
+        del cfg[key]
+    (src / "config.json").write_text(json.dumps(cfg))
+    cli("self-fuse", src, "-o", tmp_path / "a", "-q")
+    cli("self-fuse", HF / "falcon-mq-a", "-o", tmp_path / "b", "-q")
+    got, want = config(tmp_path / "a"), config(tmp_path / "b")
+    for key in ("new_decoder_architecture", "num_kv_heads", "num_ln_in_parallel_attn", "num_attention_heads"):
+        assert got[key] == want[key], key
+
+
 def test_sources_of_different_falcon_layouts_are_refused(tmp_path):
     result = runner.invoke(app, ["fuse", str(HF / "falcon-a"), str(HF / "falcon-mha-a"), "-o", str(tmp_path / "o")])
     clean_refusal(result, ["source 2", "differ in"])
