@@ -28,6 +28,7 @@ from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
+from .rules.expr import evaluate
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
@@ -58,6 +59,7 @@ class PlanEntry:
     dtype: torch.dtype
     noise: bool  # off-diagonal noise applies to this tensor
     scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
+    part_sizes: list[list[int]] | None = None  # parts named by role: each part's size in each source
 
     @property
     def nbytes(self) -> int:
@@ -281,7 +283,7 @@ def source_configs(sources: list[Checkpoint], family: Family) -> list[dict | Non
     return [family.canonical_config(ck.config, naming_of(ck)) for ck in sources]
 
 
-def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None]) -> None:
+def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None], fusing: bool = True) -> None:
     spec = family.preset.config
     if spec is None:
         return
@@ -293,6 +295,12 @@ def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict 
                              "give model directories for every source")
         family.check_sizes(c, f"{_origin(ck, m)} config")  # before any arithmetic on them
     views = [family.view(c) for c in configs]
+    for text, reason in (spec.refuse.items() if fusing else ()):
+        for m, v in enumerate(views):
+            if evaluate(text, v):
+                raise InputError(f"{_origin(sources[m], m)}: no fused {family.name} model computes this source's "
+                                 f"function: {reason}",
+                                 f"no exact wider form exists for {family.name} checkpoints with {text} (config.json)")
     for key in spec.equal:
         ref = views[0].get(key)
         for m, v in enumerate(views[1:], start=1):
@@ -406,7 +414,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         preset = conversion_preset(preset)
     family = family_of(preset)
     configs = source_configs(sources, family)
-    check_configs(sources, family, configs)
+    check_configs(sources, family, configs, fusing=not options.convert_only)
 
     tensors: list[dict[str, TensorRef]] = []
     tied: list[bool] = []
@@ -437,6 +445,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
     matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
     output_scales = [family.output_scale(c) for c in configs]
+    sized_parts = any(isinstance(r.parts, list) for r in preset.rules)
+    source_widths = [family.widths(c) for c in configs] if sized_parts else []
 
     entries: list[PlanEntry] = []
     for name in names:
@@ -467,9 +477,10 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         scales = None
         if op.averages_outputs:
             scales = [options.weights[m] * output_scales[m] for m in range(n)]
+        part_sizes = _part_sizes(sources, family, source_widths, name, rule, [r.shape for r in refs])
         entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
-                                 shape=shape, dtype=dtype, noise=noise, scales=scales))
+                                 shape=shape, dtype=dtype, noise=noise, scales=scales, part_sizes=part_sizes))
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
@@ -528,6 +539,37 @@ def _runtime_scales(plan: Plan, family: Family, configs: list[dict | None]) -> N
             noted.add(e.rule_index)
             plan.notes.append(f"{e.name}: the runtime multiplies it by {e.rule.runtime_scale} (of its own config), so "
                               "source blocks are stored times " + ", ".join(f"{x:.6g}" for x in scales))
+
+
+def _part_sizes(sources: list[Checkpoint], family: Family, widths: list[dict[str, Any]], name: str, rule: Rule,
+                shapes: list[tuple[int, ...]]) -> list[list[int]] | None:
+    """For a rule whose ``parts`` name roles (Phi-3's [heads, kv, kv]): each part's size in each source,
+    from the family's width expressions over that source's config; they must tile the 'qkv' axis."""
+    if not isinstance(rule.parts, list):
+        return None
+    axis = rule.axes.index("qkv")
+    exprs = family.preset.config.width_expressions() if family.preset.config is not None else {}
+    if len(sources) == 1 and any(type(widths[0].get(role)) is not int for role in rule.parts):
+        return [[shapes[0][axis], *[0] * (len(rule.parts) - 1)]]  # a conversion: one source's parts stay in place
+    out = []
+    for m, (ck, w) in enumerate(zip(sources, widths, strict=True)):
+        sizes = []
+        for role in rule.parts:
+            size = w.get(role)
+            if type(size) is not int:
+                why = (f"the family gives no width for role {role!r}" if role not in exprs else
+                       "it has no config.json to size them" if not ck.config else
+                       f"{exprs[role]} is {size!r} in its config.json")
+                raise InputError(f"{_origin(ck, m)}: tensor {name!r} is split into parts {rule.parts}, but {why}",
+                                 "give the model directory with its config.json (and the family's widths)")
+            sizes.append(size)
+        if sum(sizes) != shapes[m][axis]:
+            text = " + ".join(f"{role} {size}" for role, size in zip(rule.parts, sizes, strict=True))
+            raise InputError(f"{_origin(ck, m)}: tensor {name!r} axis {axis} has {shapes[m][axis]} entries, but its "
+                             f"parts are {text} = {sum(sizes)} by config.json",
+                             "config.json does not describe these weights: fix it or use the model's own config")
+        out.append(sizes)
+    return out
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:

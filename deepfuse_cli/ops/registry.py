@@ -47,7 +47,7 @@ class RuleView(Protocol):
     def input_axis(self) -> int | None: ...
 
     @property
-    def parts(self) -> int | None: ...
+    def parts(self) -> int | list[str] | None: ...  # a count of equal parts, or each part's widened role
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class FuseContext:
     (w_m times the source's output scale), or of an op that ``takes_scales`` (one per source, else None). ``noise``: off-diagonal noise, None for zeros.
     ``ring``: buffers the row blocks may live in (a fresh small ring when None); ``pool``: a
     thread on which noise of later block rows may be drawn ahead. ``chunk_bytes``: row-block
-    size (default ``CHUNK_BYTES``).
+    size (default ``CHUNK_BYTES``). ``part_sizes``: for a rule whose ``parts`` name roles, the size
+    of each part in each source (``part_sizes[m][p]``), from the sources' configs.
     """
 
     dtype: torch.dtype
@@ -68,6 +69,7 @@ class FuseContext:
     ring: BufferRing | None = None
     pool: Executor | None = None
     chunk_bytes: int | None = None
+    part_sizes: Sequence[Sequence[int]] | None = None
 
     def buffers(self) -> BufferRing:
         return self.ring or BufferRing()

@@ -40,6 +40,7 @@ WIDENED_ROLES = {
     "mlp": "the MLP's intermediate units",
     "head_count": "one entry per attention head (e.g. T5 relative attention bias)",
     "qkv": "a fused projection axis holding several parts (split with 'parts')",
+    "proj": "the embedding's own width where it differs from the hidden size (OPT's word_embed_proj_dim)",
 }
 #: Axis roles that must be equal in every source.
 SHARED_ROLES = {
@@ -100,7 +101,10 @@ class Rule(_Strict):
     op: str = Field(description="the fusion op (`deepfuse rules show` lists them)")
     axes: list[str] = Field(description="role of every axis of the tensor")
     input_axis: int | None = Field(default=None, description="block_diagonal: which axis is the input space")
-    parts: int | None = Field(default=None, ge=2, description="split_fuse_concat: number of parts on the 'qkv' axis")
+    parts: int | list[str] | None = Field(
+        default=None, description="split_fuse_concat: the parts of the 'qkv' axis: their number (equal parts), or "
+        "the widened role of each part in order (e.g. [\"heads\", \"kv\", \"kv\"]), whose size in each source is "
+        "the family's width expression for that role")
     optional: bool = Field(default=False, description="the rule may claim nothing in a model (e.g. optional biases)")
     norm: bool = Field(default=False, description="a normalisation scale/bias (grouped in --norm prop)")
     runtime_scale: str | None = Field(
@@ -138,6 +142,20 @@ class Rule(_Strict):
         for role in v:
             if role not in AXIS_ROLES:
                 raise ValueError(f"unknown axis role {role!r}; known roles: {', '.join(AXIS_ROLES)}")
+        return v
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, v: int | list[str] | None) -> int | list[str] | None:
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"parts {v}: a fused projection has at least 2 parts")
+        if isinstance(v, list):
+            if len(v) < 2:
+                raise ValueError(f"parts {v}: a fused projection has at least 2 parts")
+            for role in v:
+                if role not in WIDENED_ROLES or role == "qkv":
+                    raise ValueError(f"parts: {role!r} is not a widened axis role of one part "
+                                     f"({', '.join(r for r in WIDENED_ROLES if r != 'qkv')})")
         return v
 
     @field_validator("op")
@@ -227,6 +245,9 @@ class ConfigSpec(_Strict):
         default_factory=dict, description="conditions the fused config must meet for the runtime to load it, as "
         "expressions over it -> what the runtime demands (e.g. 'hidden_size % num_attention_heads == 0'); a fusion "
         "whose config fails one is refused before anything is written")
+    refuse: dict[str, str] = Field(
+        default_factory=dict, description="expression over a source's config (with the derived values) -> the reason "
+        "no exact fused model exists when it is true (e.g. alibi: slopes depend on the number of heads)")
     width: str | None = Field(default=None, description="legacy: the model-width field (same as widths.hidden)")
 
     @field_validator("derived", "widths")
@@ -236,7 +257,7 @@ class ConfigSpec(_Strict):
             _valid_expression(text)
         return v
 
-    @field_validator("require")
+    @field_validator("require", "refuse")
     @classmethod
     def _conditions(cls, v: dict[str, str]) -> dict[str, str]:
         for text in v:

@@ -23,8 +23,10 @@ layout, i.e. the sources' naming and axis order) and what every block must equal
 
 ``concat``: slice m of the widened axis is source m (times r_m / r_fused for a rule whose tensor the
 runtime multiplies by r(config)). ``split_fuse_concat``: the 'qkv' axis holds
-``parts`` equal parts (GPT-2's q|k|v); part p of the fused tensor is the block-diagonal (noise keys
-(p, i, j)) or the concatenation of part p of every source. ``output_average``: slice m of the
+``parts`` equal parts (GPT-2's q|k|v), or parts of the sizes the plan read from each source's config
+for the roles ``parts`` names (Phi-3's [heads, kv, kv]); part p of the fused tensor starts where the
+fused parts before it end, and is the block-diagonal (noise keys (p, i, j)) or the concatenation of
+part p of every source. ``output_average``: slice m of the
 hidden axis is ``w_m x output_scale_m x source m`` (the average of logits). ``bias_average``:
 ``sum_m w_m b_m``. ``passthrough_identical``: source 1.
 
@@ -102,6 +104,7 @@ class Layout:
     weights: Sequence[float]  # w_m (bias_average)
     scales: Sequence[float] | None = None  # output_average: w_m x output scale_m; concat: runtime scale ratios
     noise: Noise | None = None  # None: zero off-diagonal blocks
+    part_sizes: Sequence[Sequence[int]] | None = None  # split_fuse_concat with roles: part p's size in source m
 
     @property
     def n(self) -> int:
@@ -153,6 +156,8 @@ def _whole(lay: Layout) -> list[Piece]:
 def _part_name(rule: Rule, part: int | None) -> str:
     if part is None:
         return ""
+    if isinstance(rule.parts, list):
+        return f" of part {part + 1} ({rule.parts[part]})"
     return f" of part {'qkv'[part] if rule.parts == 3 else part}"
 
 
@@ -234,22 +239,31 @@ def concat(lay: Layout) -> list[Block]:
 
 
 def split_fuse_concat(lay: Layout) -> list[Block]:
-    """The 'qkv' axis in ``parts`` equal parts; part p: block-diagonal of the sources' part p (two
-    widened axes; noise keys (p, i, j)) or their concatenation (the 'qkv' axis alone)."""
+    """The 'qkv' axis in parts (``parts`` equal ones, or the sizes ``lay.part_sizes`` gives each source);
+    part p: block-diagonal of the sources' part p (two widened axes; noise keys (p, i, j)) or their
+    concatenation (the 'qkv' axis alone), placed after the fused parts before it."""
     rule = lay.rule
     axis = rule.axes.index("qkv")
-    parts = rule.parts or 1
-    fused_part = lay.shape[axis] // parts
+    if isinstance(rule.parts, list):
+        sizes = lay.part_sizes
+        if sizes is None or len(sizes) != lay.n or any(len(s) != len(rule.parts) for s in sizes):
+            raise CannotDecompose(f"split_fuse_concat with parts {rule.parts} needs each source's part sizes, "
+                                  f"the plan has {sizes}")
+        sizes = [list(s) for s in sizes]
+    else:
+        parts = rule.parts or 1
+        sizes = [[shape[axis] // parts] * parts for shape in lay.source_shapes]
     blocks = []
-    for p in range(parts):
+    fused_start = 0
+    for p in range(len(sizes[0])):
         pieces = []
-        for shape, whole in zip(lay.source_shapes, _whole(lay), strict=True):
-            size = shape[axis] // parts
-            pieces.append({**whole, axis: (p * size, size)})
+        for m, whole in enumerate(_whole(lay)):
+            pieces.append({**whole, axis: (sum(sizes[m][:p]), sizes[m][p])})
         if len(rule.widened_axes) == 2:
-            blocks += _block_grid(lay, pieces, {axis: p * fused_part}, p)
+            blocks += _block_grid(lay, pieces, {axis: fused_start}, p)
         else:
-            blocks += _slices(lay, pieces, axis, p * fused_part, p)
+            blocks += _slices(lay, pieces, axis, fused_start, p)
+        fused_start += sum(s[p] for s in sizes)
     return blocks
 
 
