@@ -218,13 +218,21 @@ def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str, transpose:
 
 
 def virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
-    """The source's tensors with the output projection present (tied sources: the embedding)."""
+    """The source's tensors with the output projection present (tied sources: the embedding), and the
+    head's other tied tensors (``also_tied``) where the files leave them out."""
     refs = dict(ck.tensors)
     spec = preset.output
     if spec is None:
         return refs, False
+    if spec.when_present is not None and spec.when_present not in refs:
+        return refs, False  # the source has no such head (a bare encoder, a classification head)
     if spec.tied_to is None or spec.tied_to not in refs:
         return refs, False  # nothing to tie to: the rules will say if the output is missing
+    for also in spec.also_tied:
+        if also.name not in refs and also.tied_to in refs:
+            ref = refs[also.tied_to]
+            refs[also.name] = TensorRef(name=also.name, shape=ref.shape, dtype=ref.dtype, loader=ref.loader,
+                                        source=f"{ref.source} (tied to {also.tied_to})")
     tied = _is_tied(refs, spec.name, spec.tied_to, spec.transpose)
     if tied:
         emb = refs[spec.tied_to]

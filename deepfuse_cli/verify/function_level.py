@@ -123,14 +123,20 @@ def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int,
     seq = max(2, min(seq_len, limit))
     low = min(2, vocab - 1)
     if tokens is None:
-        return ({"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
-                 "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
-                 "features": torch.randn(probes, config.get("in_features", 1), generator=g)},
-                {"kind": "random", "seed": seed})
+        inputs = {"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
+                  "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
+                  "features": torch.randn(probes, config.get("in_features", 1), generator=g)}
+        # encoder inputs: token types drawn from the model's, each probe right-padded after a random length
+        types = config.get("type_vocab_size") if isinstance(config.get("type_vocab_size"), int) else 1
+        inputs["token_type_ids"] = torch.randint(0, max(1, types), (probes, seq), generator=g)
+        lengths = torch.randint(max(1, seq // 2), seq + 1, (probes, 1), generator=g)
+        inputs["attention_mask"] = (torch.arange(seq) < lengths).long()
+        return inputs, {"kind": "random", "seed": seed}
     seq = min(seq, len(tokens.ids))  # a short text: one shorter probe
     count = min(probes, len(tokens.ids) // seq)
     ids = torch.tensor(tokens.ids[:count * seq], dtype=torch.long).view(count, seq)
-    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone()},
+    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone(),
+             "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)},
             {"kind": "text", "file": tokens.file, "tokens": len(tokens.ids), "tokens_used": count * seq,
              "truncated": tokens.truncated, "tokenizer": str(tokens.tokenizer)})
 
@@ -167,14 +173,15 @@ def _loading_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
-def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None) -> Outputs:
+def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None,
+                config: dict | None = None) -> Outputs:
     import transformers
 
     from ..grouped_norm import apply_grouped_norms
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cls = getattr(transformers, runtime.model_class)
+    cls = getattr(transformers, runtime.class_for(config))
     model, info = cls.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True)
     problems = _loading_problems(info)
     if problems:
@@ -188,6 +195,10 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
                         output_hidden_states=True)
             hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
+        elif runtime.inputs == "encoder":
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        token_type_ids=inputs["token_type_ids"], output_hidden_states=True)
+            hidden = list(out.hidden_states)
         else:
             out = model(input_ids=inputs["input_ids"], output_hidden_states=True)
             hidden = list(out.hidden_states)
@@ -260,6 +271,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
                       "tensor level only")]
     if not config:
         return [Check("function", "skip", f"{plan.preset.name} sources without config.json; tensor level only")]
+    if runtime.unsupported_head(config) is not None:
+        return [Check("function", "skip", f"config.json names {runtime.unsupported_head(config)}; the function check "
+                      f"runs {', '.join(runtime.heads)}; tensor level only")]
     if not builtin:
         try:
             import transformers  # noqa: F401
@@ -275,7 +289,7 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
-        return _hf_forward(path, runtime, inputs, groups)
+        return _hf_forward(path, runtime, inputs, groups, cfg)
 
     viewed: list[Path] = []
 
