@@ -498,7 +498,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
             plan.state = StatePlan.build(plan)
     if any(tied) and preset.output is not None:
-        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
+        also = "".join(f" and {t.name}" for t in preset.output.also_tied)
+        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}{also}")
     if options.weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))

@@ -271,7 +271,7 @@ class ConfigSpec(_Strict):
 class RuntimeSpec(_AddedFields):
     """Where the family runs for function-level verification."""
 
-    ADDED: ClassVar[tuple[str, ...]] = ("heads",)
+    ADDED: ClassVar[tuple[str, ...]] = ("heads", "max_length")
 
     model_class: str = Field(description="transformers class (e.g. AutoModelForCausalLM, T5ForConditionalGeneration), "
                              "or 'builtin' for a forward pass in the family module")
@@ -282,6 +282,16 @@ class RuntimeSpec(_AddedFields):
         default_factory=list, description="transformers classes of the family's heads the function check runs (e.g. "
         "BertForMaskedLM, BertForSequenceClassification): a checkpoint whose config.json 'architectures' names one "
         "runs in it, one that names another class is checked at tensor level only; none named: model_class")
+
+    max_length: str | None = Field(
+        default=None, description="the longest probe the model takes, an expression over the config (RoBERTa: "
+        "'max_position_embeddings - pad_token_id - 1', its positions start after the padding id); default: "
+        "n_positions or max_position_embeddings")
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: str | None) -> str | None:
+        return v if v is None else _valid_expression(v)
 
     def _architecture(self, config: dict | None) -> str | None:
         names = (config or {}).get("architectures")

@@ -25,6 +25,7 @@ from ..architectures import Family
 from ..errors import DeepfuseError, InputError
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
+from ..rules.expr import evaluate
 from ..rules.schema import RuntimeSpec
 from .report import Check, Report
 
@@ -114,12 +115,12 @@ def tokenize_text(path: Path, directories: list[Path], vocab: int | None) -> Tex
     return TextTokens(ids=tuple(ids), file=path.name, tokenizer=where, truncated=truncated)
 
 
-def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int,
-                  tokens: TextTokens | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int, tokens: TextTokens | None = None,
+                  max_length: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The probe inputs (seeded random ids, or consecutive runs of the text's tokens), and how they were made."""
     g = torch.Generator().manual_seed(seed)
     vocab = config.get("vocab_size", 2)
-    limit = config.get("n_positions") or config.get("max_position_embeddings") or seq_len
+    limit = max_length or config.get("n_positions") or config.get("max_position_embeddings") or seq_len
     seq = max(2, min(seq_len, limit))
     low = min(2, vocab - 1)
     if tokens is None:
@@ -281,7 +282,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
             return [Check("function", "skip", "transformers is not installed: pip install 'deepfuse[verify]'")]
     dtype = plan.entries[0].dtype if plan.entries else torch.float32
     tol = tol if tol is not None else default_tol(dtype)
-    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens)
+    max_length = evaluate(runtime.max_length, family.view(config)) if runtime.max_length else None
+    max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0 else None
+    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens, max_length)
     report.meta.update({"probes": int(inputs["input_ids"].shape[0]), "seq_len": int(inputs["input_ids"].shape[1]),
                         "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol})
     runner = "the built-in forward" if builtin else f"transformers {runtime.model_class}"
