@@ -90,8 +90,8 @@ def _tiny(cls_name: str, path, seed: int = 0, **kw):
     import transformers
 
     torch.manual_seed(seed)
-    family = "Roberta" if cls_name.startswith("Roberta") else "Bert"
-    config = getattr(transformers, f"{family}Config")(
+    prefix = cls_name.split("For")[0].removesuffix("Model")  # Bert, Roberta, XLMRoberta, Camembert
+    config = getattr(transformers, f"{prefix}Config")(
         vocab_size=64, hidden_size=kw.pop("hidden_size", 16), num_attention_heads=kw.pop("heads", 4),
         intermediate_size=24, num_hidden_layers=2, num_labels=2 if "QuestionAnswering" in cls_name else 3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **{"max_position_embeddings": 34, **kw})
@@ -104,14 +104,17 @@ def _tiny(cls_name: str, path, seed: int = 0, **kw):
 
 
 OTHER_HEADS = ["BertModel", "BertForPreTraining", "BertForTokenClassification", "BertForQuestionAnswering",
-               "RobertaModel", "RobertaForTokenClassification", "RobertaForQuestionAnswering"]
+               "RobertaModel", "RobertaForTokenClassification", "RobertaForQuestionAnswering",
+               "XLMRobertaForMaskedLM", "CamembertForSequenceClassification"]
 
 
 @pytest.mark.parametrize("cls_name", OTHER_HEADS)
 def test_every_other_head_is_claimed_and_self_fuses(cls_name, tmp_path):
-    """Bare encoders (pooler), next-sentence prediction, token classification, spans: the same presets."""
+    """Bare encoders (pooler), next-sentence prediction, token classification, spans, and RoBERTa's
+    relatives (XLM-RoBERTa, CamemBERT: the same tensors): the same two presets."""
     model = _tiny(cls_name, tmp_path / "src")
-    family = "roberta" if cls_name.startswith("Roberta") else "bert"
+    family = "bert" if cls_name.startswith("Bert") else "roberta"
+    assert preset_for_config(json.loads((tmp_path / "src" / "config.json").read_text()), "test").name == family
     assert "every tensor claimed by exactly one rule" in cli("rules", "check", family, tmp_path / "src")
     cli("self-fuse", tmp_path / "src", "-o", tmp_path / "x2", "-q")
     fused = load(tmp_path / "x2")

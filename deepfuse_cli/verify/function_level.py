@@ -174,15 +174,14 @@ def _loading_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
-def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None,
-                config: dict | None = None) -> Outputs:
+def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None) -> Outputs:
     import transformers
 
     from ..grouped_norm import apply_grouped_norms
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cls = getattr(transformers, runtime.class_for(config))
+    cls = getattr(transformers, runtime.model_class)
     model, info = cls.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True)
     problems = _loading_problems(info)
     if problems:
@@ -287,12 +286,14 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens, max_length)
     report.meta.update({"probes": int(inputs["input_ids"].shape[0]), "seq_len": int(inputs["input_ids"].shape[1]),
                         "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol})
-    runner = "the built-in forward" if builtin else f"transformers {runtime.model_class}"
+    runner = "the built-in forward" if builtin else f"transformers {runtime.class_for(config)}"
 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
-        return _hf_forward(path, runtime, inputs, groups, cfg)
+        head = runtime.class_for(cfg)  # the family's head this checkpoint's config.json names
+        return _hf_forward(path, runtime if head == runtime.model_class else
+                           runtime.model_copy(update={"model_class": head}), inputs, groups)
 
     viewed: list[Path] = []
 
