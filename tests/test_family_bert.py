@@ -206,6 +206,8 @@ def test_different_sources_prop_mode_is_exact_with_grouped_norms(kind, hf_fixtur
     outs = [source_outputs(f"{kind}-a"), source_outputs(f"{kind}-b"), source_outputs(f"{kind}-a")]
     assert_fused_function(logits, hidden, outs, [0.5, 0.3, 0.2])
     assert verify_checks(out)["function: logits vs weighted average of sources"] == "pass"
+    head = json.loads((out / "config.json").read_text())["architectures"][0]
+    assert f"{head}.from_pretrained(" in (out / "README.md").read_text()  # the model card loads its own head
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
