@@ -221,13 +221,21 @@ def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str, transpose:
 
 
 def virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
-    """The source's tensors with the output projection present (tied sources: the embedding)."""
+    """The source's tensors with the output projection present (tied sources: the embedding), and the
+    head's other tied tensors (``also_tied``) where the files leave them out."""
     refs = dict(ck.tensors)
     spec = preset.output
     if spec is None:
         return refs, False
+    if spec.when_present is not None and spec.when_present not in refs:
+        return refs, False  # the source has no such head (a bare encoder, a classification head)
     if spec.tied_to is None or spec.tied_to not in refs:
         return refs, False  # nothing to tie to: the rules will say if the output is missing
+    for also in spec.also_tied:
+        if also.name not in refs and also.tied_to in refs:
+            ref = refs[also.tied_to]
+            refs[also.name] = TensorRef(name=also.name, shape=ref.shape, dtype=ref.dtype, loader=ref.loader,
+                                        source=f"{ref.source} (tied to {also.tied_to})")
     tied = _is_tied(refs, spec.name, spec.tied_to, spec.transpose)
     if tied:
         emb = refs[spec.tied_to]
@@ -507,7 +515,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
             plan.state = StatePlan.build(plan)
     if any(tied) and preset.output is not None:
-        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
+        also = "".join(f" and {t.name}" for t in preset.output.also_tied)
+        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}{also}")
     if options.weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))

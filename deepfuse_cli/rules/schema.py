@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
+                      model_validator)
 
 from .. import ops as fusion_ops
 from ..naming import DESCRIPTIONS
@@ -86,6 +87,23 @@ def _valid_expression(v: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _AddedFields(_Strict):
+    """A model some of whose fields were added after presets were first recorded: those fields
+    (``ADDED``) are dumped only when set, so a preset that does not use them keeps its JSON, digest
+    and recorded manifest bytes."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_added(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self.ADDED:
+            if name in data and getattr(self, name) == type(self).model_fields[name].get_default(
+                    call_default_factory=True):
+                del data[name]
+        return data
 
 
 class NamingName(_Strict):
@@ -208,8 +226,17 @@ def _ops_that(has: Callable[[fusion_ops.FusionOp], bool]) -> str:
     return " / ".join(name for name, op in fusion_ops.OPS.items() if has(op))
 
 
-class OutputSpec(_Strict):
+class TiedTensor(_Strict):
+    """A tensor a tied source may leave out of its files, and the tensor it is then read from."""
+
+    name: str = Field(description="tensor name in the (untied) fused model, e.g. cls.predictions.decoder.bias")
+    tied_to: str = Field(description="the tensor it is tied to in the source, e.g. cls.predictions.bias")
+
+
+class OutputSpec(_AddedFields):
     """The projection to logits, and the embedding it may be tied to."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ("when_present", "also_tied")
 
     name: str = Field(description="tensor name of the output projection, e.g. lm_head.weight")
     tied_to: str | None = Field(default=None, description="embedding it is tied to when absent from the files")
@@ -219,7 +246,12 @@ class OutputSpec(_Strict):
     transpose: bool = Field(
         default=False, description="the projection is stored [hidden, vocab] while the embedding is [vocab, hidden] (T5X)"
     )
-
+    when_present: str | None = Field(
+        default=None, description="a tensor only checkpoints with this output head hold (BERT: cls.predictions.bias): "
+        "a source without it has no such head and nothing is untied (bare encoders, classification heads)")
+    also_tied: list[TiedTensor] = Field(
+        default_factory=list, description="further tensors of the head a tied source leaves out of its files (BERT's "
+        "decoder bias, tied to cls.predictions.bias): read from the tensor they are tied to, written in the fused model")
 
     @field_validator("scale")
     @classmethod
@@ -279,13 +311,46 @@ class ConfigSpec(_Strict):
         return out
 
 
-class RuntimeSpec(_Strict):
+class RuntimeSpec(_AddedFields):
     """Where the family runs for function-level verification."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ("heads", "max_length")
 
     model_class: str = Field(description="transformers class (e.g. AutoModelForCausalLM, T5ForConditionalGeneration), "
                              "or 'builtin' for a forward pass in the family module")
-    inputs: Literal["causal", "seq2seq", "features"] = Field(
-        default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, or feature vectors")
+    inputs: Literal["causal", "seq2seq", "features", "encoder"] = Field(
+        default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, feature vectors, or token "
+        "ids with an attention mask and token type ids (encoder: BERT-like)")
+    heads: list[str] = Field(
+        default_factory=list, description="transformers classes of the family's heads the function check runs (e.g. "
+        "BertForMaskedLM, BertForSequenceClassification): a checkpoint whose config.json 'architectures' names one "
+        "runs in it, one that names another class is checked at tensor level only; none named: model_class")
+
+    max_length: str | None = Field(
+        default=None, description="the longest probe the model takes, an expression over the config (RoBERTa: "
+        "'max_position_embeddings - pad_token_id - 1', its positions start after the padding id); default: "
+        "n_positions or max_position_embeddings")
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: str | None) -> str | None:
+        return v if v is None else _valid_expression(v)
+
+    def _architecture(self, config: dict | None) -> str | None:
+        names = (config or {}).get("architectures")
+        first = names[0] if isinstance(names, list) and names else None
+        return first if isinstance(first, str) else None
+
+    def class_for(self, config: dict | None) -> str:
+        """The transformers class a checkpoint with this config runs in: the head its config.json
+        ``architectures`` names when the family lists it, else ``model_class``."""
+        head = self._architecture(config)
+        return head if head is not None and head in self.heads else self.model_class
+
+    def unsupported_head(self, config: dict | None) -> str | None:
+        """The class config.json names when the family lists its heads and this is not one of them."""
+        head = self._architecture(config)
+        return head if self.heads and head is not None and head not in self.heads else None
 
 
 class NormSpec(_Strict):
@@ -375,8 +440,20 @@ class Preset(_Strict):
                 "name": out_col.name,
                 "tied_to": emb_col.name if emb_col is not None else None,
                 "transpose": output.transpose ^ out_col.transpose ^ (emb_col.transpose if emb_col else False),
+                "when_present": self._name_in(naming, output.when_present) if output.when_present else None,
+                "also_tied": [TiedTensor(name=self._name_in(naming, t.name), tied_to=self._name_in(naming, t.tied_to))
+                              for t in output.also_tied],
             })
         return self.model_copy(update={"naming": naming, "rules": rules, "output": output})
+
+    def _name_in(self, naming: str, name: str) -> str:
+        """A tensor's name in another naming (refused when it has none there)."""
+        rule = self._rule_named(name)
+        col = rule.names.get(naming) if rule is not None else None
+        if col is None or col.name is None or col.transpose:
+            raise ValueError(f"preset {self.name!r}: the output head's tensor {name!r} has no {naming!r} name "
+                             "of the same layout")
+        return col.name
 
     def _rule_named(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.regex.fullmatch(name)), None)

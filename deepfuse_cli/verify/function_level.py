@@ -25,6 +25,7 @@ from ..architectures import Family
 from ..errors import DeepfuseError, InputError
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
+from ..rules.expr import evaluate
 from ..rules.schema import RuntimeSpec
 from .report import Check, Report
 
@@ -114,23 +115,29 @@ def tokenize_text(path: Path, directories: list[Path], vocab: int | None) -> Tex
     return TextTokens(ids=tuple(ids), file=path.name, tokenizer=where, truncated=truncated)
 
 
-def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int,
-                  tokens: TextTokens | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int, tokens: TextTokens | None = None,
+                  max_length: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The probe inputs (seeded random ids, or consecutive runs of the text's tokens), and how they were made."""
     g = torch.Generator().manual_seed(seed)
     vocab = config.get("vocab_size", 2)
-    limit = config.get("n_positions") or config.get("max_position_embeddings") or seq_len
+    limit = max_length or config.get("n_positions") or config.get("max_position_embeddings") or seq_len
     seq = max(2, min(seq_len, limit))
     low = min(2, vocab - 1)
     if tokens is None:
-        return ({"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
-                 "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
-                 "features": torch.randn(probes, config.get("in_features", 1), generator=g)},
-                {"kind": "random", "seed": seed})
+        inputs = {"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
+                  "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
+                  "features": torch.randn(probes, config.get("in_features", 1), generator=g)}
+        # encoder inputs: token types drawn from the model's, each probe right-padded after a random length
+        types = config.get("type_vocab_size") if isinstance(config.get("type_vocab_size"), int) else 1
+        inputs["token_type_ids"] = torch.randint(0, max(1, types), (probes, seq), generator=g)
+        lengths = torch.randint(max(1, seq // 2), seq + 1, (probes, 1), generator=g)
+        inputs["attention_mask"] = (torch.arange(seq) < lengths).long()
+        return inputs, {"kind": "random", "seed": seed}
     seq = min(seq, len(tokens.ids))  # a short text: one shorter probe
     count = min(probes, len(tokens.ids) // seq)
     ids = torch.tensor(tokens.ids[:count * seq], dtype=torch.long).view(count, seq)
-    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone()},
+    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone(),
+             "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)},
             {"kind": "text", "file": tokens.file, "tokens": len(tokens.ids), "tokens_used": count * seq,
              "truncated": tokens.truncated, "tokenizer": str(tokens.tokenizer)})
 
@@ -188,6 +195,10 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
                         output_hidden_states=True)
             hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
+        elif runtime.inputs == "encoder":
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        token_type_ids=inputs["token_type_ids"], output_hidden_states=True)
+            hidden = list(out.hidden_states)
         else:
             out = model(input_ids=inputs["input_ids"], output_hidden_states=True)
             hidden = list(out.hidden_states)
@@ -260,6 +271,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
                       "tensor level only")]
     if not config:
         return [Check("function", "skip", f"{plan.preset.name} sources without config.json; tensor level only")]
+    if runtime.unsupported_head(config) is not None:
+        return [Check("function", "skip", f"config.json names {runtime.unsupported_head(config)}; the function check "
+                      f"runs {', '.join(runtime.heads)}; tensor level only")]
     if not builtin:
         try:
             import transformers  # noqa: F401
@@ -267,15 +281,19 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
             return [Check("function", "skip", "transformers is not installed: pip install 'deepfuse[verify]'")]
     dtype = plan.entries[0].dtype if plan.entries else torch.float32
     tol = tol if tol is not None else default_tol(dtype)
-    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens)
+    max_length = evaluate(runtime.max_length, family.view(config)) if runtime.max_length else None
+    max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0 else None
+    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens, max_length)
     report.meta.update({"probes": int(inputs["input_ids"].shape[0]), "seq_len": int(inputs["input_ids"].shape[1]),
                         "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol})
-    runner = "the built-in forward" if builtin else f"transformers {runtime.model_class}"
+    runner = "the built-in forward" if builtin else f"transformers {runtime.class_for(config)}"
 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
-        return _hf_forward(path, runtime, inputs, groups)
+        head = runtime.class_for(cfg)  # the family's head this checkpoint's config.json names
+        return _hf_forward(path, runtime if head == runtime.model_class else
+                           runtime.model_copy(update={"model_class": head}), inputs, groups)
 
     viewed: list[Path] = []
 
