@@ -44,7 +44,7 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
         if std > 0:
             noise = ops.OffDiagonalNoise(opts.seed, entry.name, std, preserving=opts.noise_mode == "preserving")
     ctx = ops.FuseContext(dtype=entry.dtype, weights=opts.weights, scales=entry.scales, noise=noise, ring=ring,
-                          pool=pool)
+                          pool=pool, part_sizes=entry.part_sizes)
     try:
         blocks = entry.rule.fusion_op.rows(loaded, entry.rule, ctx)
     except ops.FusionMismatch as exc:

@@ -36,6 +36,7 @@ from .formats.hf import MANIFEST_NAME
 from .ir import Checkpoint
 from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
+from .model_card import write_card
 from .compute import compute_tensor, head_norm_tensors
 from .grouped_norm import HEAD_NORMS_FILE
 from .plan import Plan, PlanEntry
@@ -127,8 +128,11 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
             if f not in seen:
                 seen[f] = sha256_file(f) if f.is_file() else ""
             files[name] = seen[f]
-        out.append({"path": str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"),
-                    "files": files})
+        record = {"path": str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"), "files": files}
+        hub = ck.metadata.get("hub")
+        if hub is not None:
+            record["hub"] = {"repo_id": hub.repo_id, "revision": hub.revision, "commit": hub.commit}
+        out.append(record)
     return out
 
 
@@ -331,8 +335,10 @@ def _write_head_norms(plan: Plan, tmp: Path) -> dict[str, str]:
     return {HEAD_NORMS_FILE: sha256_file(path)}
 
 
-def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
-    """Execute ``plan`` into ``output`` atomically."""
+def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None,
+               command: str | None = None) -> FuseResult:
+    """Execute ``plan`` into ``output`` atomically. ``command``: the command line, as the model card
+    of a Hugging Face output shows it."""
     output = Path(output)
     check_output_path(output, plan.sources, force)
     check_free_space(plan, output)
@@ -386,6 +392,8 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             _write_output_config(plan, tmp, files)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, manifest.dumps().encode())
+            if plan.output_adapter.model_card:
+                write_card(tmp, manifest, command=command)
             fsync_path(tmp)
             _replace(tmp, output, force)
         except BaseException as exc:

@@ -29,6 +29,7 @@ from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
+from .rules.expr import evaluate
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
@@ -59,6 +60,7 @@ class PlanEntry:
     dtype: torch.dtype
     noise: bool  # off-diagonal noise applies to this tensor
     scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
+    part_sizes: list[list[int]] | None = None  # parts named by role: each part's size in each source
 
     @property
     def nbytes(self) -> int:
@@ -101,6 +103,7 @@ class Plan:
     weights_rescaled: bool = False
     notes: list[str] = field(default_factory=list)
     nonfinite: list[dict[str, Any]] = field(default_factory=list)  # filled while fusing (--allow-nonfinite)
+    deviations: list[str] = field(default_factory=list)  # the family's runtime is not the average of these sources
     output_format: str = formats.HUGGING_FACE.name  # registered name of the output's format adapter
     conversion: Conversion = IDENTITY  # plan names -> the output format's names and layout
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
@@ -229,13 +232,21 @@ def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str, transpose:
 
 
 def virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
-    """The source's tensors with the output projection present (tied sources: the embedding)."""
+    """The source's tensors with the output projection present (tied sources: the embedding), and the
+    head's other tied tensors (``also_tied``) where the files leave them out."""
     refs = dict(ck.tensors)
     spec = preset.output
     if spec is None:
         return refs, False
+    if spec.when_present is not None and spec.when_present not in refs:
+        return refs, False  # the source has no such head (a bare encoder, a classification head)
     if spec.tied_to is None or spec.tied_to not in refs:
         return refs, False  # nothing to tie to: the rules will say if the output is missing
+    for also in spec.also_tied:
+        if also.name not in refs and also.tied_to in refs:
+            ref = refs[also.tied_to]
+            refs[also.name] = TensorRef(name=also.name, shape=ref.shape, dtype=ref.dtype, loader=ref.loader,
+                                        source=f"{ref.source} (tied to {also.tied_to})")
     tied = _is_tied(refs, spec.name, spec.tied_to, spec.transpose)
     if tied:
         emb = refs[spec.tied_to]
@@ -291,7 +302,7 @@ def source_configs(sources: list[Checkpoint], family: Family) -> list[dict | Non
     return [family.canonical_config(ck.config, naming_of(ck)) for ck in sources]
 
 
-def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None]) -> None:
+def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None], fusing: bool = True) -> None:
     spec = family.preset.config
     if spec is None:
         return
@@ -303,6 +314,12 @@ def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict 
                              "give model directories for every source")
         family.check_sizes(c, f"{_origin(ck, m)} config")  # before any arithmetic on them
     views = [family.view(c) for c in configs]
+    for text, reason in (spec.refuse.items() if fusing else ()):
+        for m, v in enumerate(views):
+            if evaluate(text, v):
+                raise InputError(f"{_origin(sources[m], m)}: no fused {family.name} model computes this source's "
+                                 f"function: {reason}",
+                                 f"no exact wider form exists for {family.name} checkpoints with {text} (config.json)")
     for key in spec.equal:
         ref = views[0].get(key)
         for m, v in enumerate(views[1:], start=1):
@@ -449,7 +466,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         preset = conversion_preset(preset)
     family = family_of(preset)
     configs = source_configs(sources, family)
-    check_configs(sources, family, configs)
+    check_configs(sources, family, configs, fusing=not options.convert_only)
 
     tensors: list[dict[str, TensorRef]] = []
     tied: list[bool] = []
@@ -480,6 +497,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
     matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
     output_scales = [family.output_scale(c) for c in configs]
+    sized_parts = any(isinstance(r.parts, list) for r in preset.rules)
+    source_widths = [family.widths(c) for c in configs] if sized_parts else []
 
     entries: list[PlanEntry] = []
     for name in names:
@@ -510,9 +529,10 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         scales = None
         if op.averages_outputs:
             scales = [options.weights[m] * output_scales[m] for m in range(n)]
+        part_sizes = _part_sizes(sources, family, source_widths, name, rule, [r.shape for r in refs])
         entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
-                                 shape=shape, dtype=dtype, noise=noise, scales=scales))
+                                 shape=shape, dtype=dtype, noise=noise, scales=scales, part_sizes=part_sizes))
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
@@ -522,6 +542,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 weights_rescaled=options.weights_rescaled, norm_role_groups=role_groups,
                 head_norms=_head_norms(entries))
     plan.config = widen_config(sources, family, configs, options, groups, role_groups, plan.writes_head_norms)
+    if not options.convert_only:
+        family.check_fused(plan.config)
+        _runtime_scales(plan, family, configs)
+        if n > 1 and not options.self_fusion:
+            plan.deviations = family.deviations(configs)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
         writer = plan.output_adapter
@@ -534,7 +559,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
             plan.state = StatePlan.build(plan)
     if any(tied) and preset.output is not None:
-        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
+        also = "".join(f" and {t.name}" for t in preset.output.also_tied)
+        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}{also}")
     if options.weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))
@@ -544,6 +570,9 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.norm == "rule" and n > 1 and not options.self_fusion:
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
+    for reason in plan.deviations:
+        plan.notes.append(f"{reason}; the fused function approximates the average of these sources (run "
+                          "`deepfuse verify` to measure by how much)")
     if plan.writes_head_norms:
         plan.notes.append(f"{len(plan.head_norms)} per-head norms (e.g. {next(iter(plan.head_norms))}): the weights "
                           f"hold the sources' weighted average, each head's own scale goes to {HEAD_NORMS_FILE} "
@@ -551,6 +580,53 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.max_memory is not None:
         plan.fit_memory(options.max_memory)
     return plan
+
+
+def _runtime_scales(plan: Plan, family: Family, configs: list[dict | None]) -> None:
+    """Tensors the runtime multiplies by a width-dependent factor (a rule's ``runtime_scale``, e.g. Gemma's
+    embedding by sqrt(hidden_size)): each source's block is stored times its factor over the fused one."""
+    fused = plan.config  # in the family's vocabulary, as the sources' configs
+    noted: set[int] = set()
+    for e in plan.entries:
+        scales = family.runtime_scales(e.rule, configs, fused, e.name)
+        if scales is None:
+            continue
+        e.scales = scales
+        if e.rule_index not in noted:
+            noted.add(e.rule_index)
+            plan.notes.append(f"{e.name}: the runtime multiplies it by {e.rule.runtime_scale} (of its own config), so "
+                              "source blocks are stored times " + ", ".join(f"{x:.6g}" for x in scales))
+
+
+def _part_sizes(sources: list[Checkpoint], family: Family, widths: list[dict[str, Any]], name: str, rule: Rule,
+                shapes: list[tuple[int, ...]]) -> list[list[int]] | None:
+    """For a rule whose ``parts`` name roles (Phi-3's [heads, kv, kv]): each part's size in each source,
+    from the family's width expressions over that source's config; they must tile the 'qkv' axis."""
+    if not isinstance(rule.parts, list):
+        return None
+    axis = rule.axes.index("qkv")
+    exprs = family.preset.config.width_expressions() if family.preset.config is not None else {}
+    if len(sources) == 1 and any(type(widths[0].get(role)) is not int for role in rule.parts):
+        return [[shapes[0][axis], *[0] * (len(rule.parts) - 1)]]  # a conversion: one source's parts stay in place
+    out = []
+    for m, (ck, w) in enumerate(zip(sources, widths, strict=True)):
+        sizes = []
+        for role in rule.parts:
+            size = w.get(role)
+            if type(size) is not int:
+                why = (f"the family gives no width for role {role!r}" if role not in exprs else
+                       "it has no config.json to size them" if not ck.config else
+                       f"{exprs[role]} is {size!r} in its config.json")
+                raise InputError(f"{_origin(ck, m)}: tensor {name!r} is split into parts {rule.parts}, but {why}",
+                                 "give the model directory with its config.json (and the family's widths)")
+            sizes.append(size)
+        if sum(sizes) != shapes[m][axis]:
+            text = " + ".join(f"{role} {size}" for role, size in zip(rule.parts, sizes, strict=True))
+            raise InputError(f"{_origin(ck, m)}: tensor {name!r} axis {axis} has {shapes[m][axis]} entries, but its "
+                             f"parts are {text} = {sum(sizes)} by config.json",
+                             "config.json does not describe these weights: fix it or use the model's own config")
+        out.append(sizes)
+    return out
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import hub
 from .architectures import family_of
 from .formats import open_checkpoint
 from .formats.registry import naming_of
@@ -18,8 +19,18 @@ from .rules.engine import list_presets, load_preset, preset_for_config
 
 
 def open_source(path: str | Path, step: int | None = None) -> Checkpoint:
-    """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none."""
-    ck = open_checkpoint(path, step=step)
+    """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none.
+
+    ``path`` given as text may be a Hugging Face Hub id (a local path of that name wins): the files
+    the checkpoint needs are fetched into (or found in) huggingface_hub's cache, and the checkpoint's
+    ``metadata["hub"]`` says which repository, revision and commit it is."""
+    if hub.is_hub_source(path):
+        source = hub.resolve(str(path))
+        ck = open_checkpoint(source.path, step=step)
+        ck.metadata["hub"] = source
+        ck.extra_files = [f for f in ck.extra_files if f.name in source.files]  # what was asked for, whatever else is cached
+    else:
+        ck = open_checkpoint(path, step=step)
     if ck.config is None:
         naming = naming_of(ck)
         shapes = {n: r.shape for n, r in ck.tensors.items()}

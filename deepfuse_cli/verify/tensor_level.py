@@ -72,7 +72,7 @@ def layout(plan: Plan, entry: PlanEntry, sources: list[torch.Tensor] | None = No
         if std > 0:
             noise = Noise(seed=opts.seed, std=std, preserving=opts.noise_mode == "preserving")
     return Layout(name=entry.name, rule=rule, source_shapes=entry.source_shapes, weights=opts.weights,
-                  scales=entry.scales, noise=noise)
+                  scales=entry.scales, noise=noise, part_sizes=entry.part_sizes)
 
 
 class _Expected:
