@@ -1,6 +1,6 @@
 """Grouped norms for per-head and kv-width norms, and the families that need them (issue 12).
 
-* Qwen3's q_norm/k_norm (one [head_dim] scale for every head): the fused tensor is the sources'
+* Qwen3's and Gemma 3's q_norm/k_norm (one [head_dim] scale for every head): the fused tensor is the sources'
   weighted average (source 1 bit for bit when they agree), each head's own scale is written to the
   per-head norm file, and grouped norms read it back: different sources exact with --norm prop.
 * OLMo 2 under grouped-query attention: q_norm spans heads * head_dim, k_norm kv_heads * head_dim;
@@ -72,7 +72,7 @@ def test_self_fusion_is_exact(family, times, hf_fixtures, tmp_path):
 
 # -- different sources, --norm prop: exact with grouped norms ---------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma3_text"])
 def test_different_sources_prop_mode_is_exact_with_grouped_norms(family, hf_fixtures, tmp_path):
     out = tmp_path / "fused"
     cli("fuse", hf_fixtures / f"{family}-a", hf_fixtures / f"{family}-b", "-o", out, "--norm", "prop", "-q")
@@ -91,7 +91,7 @@ def test_three_sources_with_weights_prop_mode_is_exact(family, hf_fixtures, tmp_
     assert_fused_function(logits, hidden, [sa, sb, sa], [0.5, 0.3, 0.2])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma3_text"])
 def test_different_sources_rule_mode_deviation_is_due_to_the_norms_alone(family, hf_fixtures, tmp_path):
     out = tmp_path / "fused"
     cli("fuse", hf_fixtures / f"{family}-a", hf_fixtures / f"{family}-b", "-o", out, "-q")
