@@ -82,16 +82,6 @@ def test_different_sources_rule_mode_is_an_expected_deviation(family, hf_fixture
     assert checks["function: same weights with grouped norms"] == "pass", checks
 
 
-def test_opt_with_a_projected_embedding_is_refused_naming_the_tensor(tmp_path):
-    """project_in/project_out (word_embed_proj_dim != hidden_size) have no rule: refused, not guessed."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_attention_heads=4, ffn_dim=24, num_hidden_layers=1,
-                             max_position_embeddings=32, word_embed_proj_dim=8)).save_pretrained(tmp_path / "opt")
-    result = runner.invoke(app, ["self-fuse", str(tmp_path / "opt"), "-o", str(tmp_path / "out")])
-    clean_refusal(result, ["model.decoder.project_"])
-
-
 # -- --rules NAME against the checkpoint's model_type (issue 12, deliverable 5) ----------------------
 
 def test_rules_for_another_model_type_are_refused(hf_fixtures, tmp_path):

@@ -179,8 +179,8 @@ def test_different_sources_rule_mode_is_an_expected_deviation(family, hf_fixture
 
 
 def test_gemma3_sources_sharing_their_head_norms_fuse_exactly_with_grouped_norms(hf_fixtures, tmp_path):
-    """Only the shared per-head norm stops Gemma 3: a wider source given the first one's q_norm/k_norm
-    (as a fine-tune that froze them) fuses, and --norm prop is exact."""
+    """A wider source given the first one's q_norm/k_norm (as a fine-tune that froze them) fuses, and
+    --norm prop is exact (different q_norm/k_norm: test_family_pernorm.py)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -193,7 +193,7 @@ def test_gemma3_sources_sharing_their_head_norms_fuse_exactly_with_grouped_norms
     out = tmp_path / "fused"
     cli("fuse", hf_fixtures / "gemma3_text-a", b, "-o", out, "--norm", "prop", "-q")
     model = load(out)
-    assert apply_grouped_norms(model) == 9  # 4 per layer and the final norm; q_norm/k_norm stay per head
+    assert apply_grouped_norms(model) == 13  # 4 per layer, the final norm, and q_norm/k_norm per head (2 per layer)
     logits, hidden = run(model, probe())
     assert_fused_function(logits, hidden, [source_outputs("gemma3_text-a"), run(load(b), probe())], [0.5, 0.5])
 
