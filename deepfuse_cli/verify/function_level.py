@@ -175,7 +175,7 @@ def _loading_problems(info: dict) -> str:
 
 
 def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None,
-                role_groups: dict[str, list[int]] | None = None) -> Outputs:
+                *, role_groups: dict[str, list[int]] | None = None) -> Outputs:
     import transformers
 
     from ..grouped_norm import apply_grouped_norms
@@ -293,9 +293,11 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
         head = runtime.class_for(cfg)  # the family's head this checkpoint's config.json names
+        # norms over other widths than the hidden size (OLMo 2's k_norm under GQA) take their own groups
+        roles = {r: g for r, g in plan.norm_role_groups.items() if r != "hidden"} if groups else {}
         return _hf_forward(path, runtime if head == runtime.model_class else
                            runtime.model_copy(update={"model_class": head}), inputs, groups,
-                           plan.norm_role_groups if groups else None)
+                           **({"role_groups": roles} if roles else {}))
 
     viewed: list[Path] = []
 
