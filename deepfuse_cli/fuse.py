@@ -33,6 +33,7 @@ from .formats.adapter import OutputInfo
 from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME
+from .formats.objstore import parse_url
 from .ir import Checkpoint
 from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
@@ -126,7 +127,7 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
             if f not in seen:
                 seen[f] = sha256_file(f) if f.is_file() else ""
             files[name] = seen[f]
-        out.append({"path": str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"),
+        out.append({"path": ck.metadata.get("source_url") or str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"),
                     "files": files})
     return out
 
@@ -322,7 +323,10 @@ def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
 
 
 def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
-    """Execute ``plan`` into ``output`` atomically."""
+    """Execute ``plan`` into ``output`` atomically (an object-store URL: see ``_write_to_store``)."""
+    url = parse_url(output)
+    if url is not None:
+        return _write_to_store(plan, url, force=force, progress=progress)
     output = Path(output)
     check_output_path(output, plan.sources, force)
     check_free_space(plan, output)
@@ -393,6 +397,41 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             if tmp_lock is not None:
                 os.close(tmp_lock)
     return FuseResult(output=output, files=manifest.files, total_bytes=plan.total_bytes, manifest=manifest)
+
+
+def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None) -> FuseResult:
+    """Write the output locally (the same bytes as a local run), then upload it to the object store,
+    committed the way orbax commits on GCS (its marker last). The prefix must hold no objects unless
+    ``force``; then it holds exactly the new output. Nothing is uploaded when fusing fails."""
+    from .formats import objstore
+
+    if not plan.output_adapter.stepped:
+        raise UsageError(f"output {url}: only T5X and Orbax checkpoints are written to object storage",
+                         "pass --to t5x or --to orbax, or write to a local directory")
+    for ck in plan.sources:
+        src = parse_url(ck.metadata.get("source_url"))
+        if src is not None and (url.contains(src) or src.contains(url)):
+            raise UsageError(f"output {url} overlaps input {src}", "write the fused checkpoint somewhere outside its inputs")
+    store = objstore.Store(url)
+    existing = store.keys()  # also proves the bucket is there and ours to use, before any work
+    if existing and not force:
+        raise UsageError(f"output {url} already holds {len(existing)} objects",
+                         "pass --force to replace them, or choose another prefix")
+    staging = objstore.temp_dir("deepfuse-output-")
+    try:
+        local = staging / "output"
+        result = write_plan(plan, local, force=False, progress=progress)
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        with _signals_raise():
+            current = store.keys()
+            if current and not force:
+                raise UsageError(f"output {url} received objects while this run was writing (another run?); "
+                                 "nothing was replaced and nothing was written",
+                                 "pass --force to replace them, or choose another prefix")
+            objstore.upload_checkpoint(local, url, files, current)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return FuseResult(output=str(url), files=result.files, total_bytes=result.total_bytes, manifest=result.manifest)
 
 
 def _replace(tmp: Path, output: Path, force: bool) -> None:

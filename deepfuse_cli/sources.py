@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .architectures import family_of
 from .formats import open_checkpoint
+from .formats.objstore import fetch_checkpoint, parse_url
 from .formats.registry import naming_of
 from .ir import Checkpoint
 from .errors import DeepfuseError
@@ -18,8 +19,12 @@ from .rules.engine import list_presets, load_preset, preset_for_config
 
 
 def open_source(path: str | Path, step: int | None = None) -> Checkpoint:
-    """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none."""
-    ck = open_checkpoint(path, step=step)
+    """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none. An
+    object-store URL (T5X/Orbax) is first copied to a temporary local directory (the step read)."""
+    url = parse_url(path)
+    ck = open_checkpoint(path if url is None else fetch_checkpoint(url, step), step=step)
+    if url is not None:
+        ck.metadata["source_url"] = str(url)
     if ck.config is None:
         naming = naming_of(ck)
         shapes = {n: r.shape for n, r in ck.tensors.items()}
