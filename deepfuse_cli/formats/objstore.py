@@ -320,12 +320,21 @@ class Store:
             raise store_error(self.url.child(key), "write the object", exc) from None
 
     def delete(self, keys: Iterable[str]) -> None:
-        futures = [(k, self.kv.delete(k)) for k in keys]
-        for k, fut in futures:
-            try:
-                fut.result()
-            except Exception as exc:  # noqa: BLE001
-                raise store_error(self.url.child(k), "delete the object", exc) from None
+        """Delete ``keys``, many requests in flight."""
+        limit = max(1, _env_int("DEEPFUSE_OBJSTORE_CONCURRENCY", DEFAULT_CONCURRENCY))
+        pending: deque = deque()
+        for key in keys:
+            if len(pending) >= limit:
+                self._wait_delete(*pending.popleft())
+            pending.append((key, self.kv.write(key, None)))
+        while pending:
+            self._wait_delete(*pending.popleft())
+
+    def _wait_delete(self, key: str, future) -> None:
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001
+            raise store_error(self.url.child(key), "delete the object", exc) from None
 
 
 def _local_target(dest: Path, key: str, url: StoreURL) -> Path:
