@@ -161,6 +161,8 @@ def test_orbax_to_s3_byte_identical_restores_and_reads_back(s3, tmp_path, monkey
     a.pop("deepfuse.json"), b.pop("deepfuse.json")
     assert a == b
     assert json.loads((out / "deepfuse.json").read_text())["sources"][0]["path"] == f"s3://{BUCKET}/orbax"
+    assert "PASS" in cli("verify", f"s3://{BUCKET}/orbax", "--no-function")
+    assert "PASS" in cli("verify", out, "--no-function")  # its source recorded as a URL, read from the bucket
 
 
 def _flat(tree, prefix=""):

@@ -23,6 +23,7 @@ from ..plan import MAX_COPIES, Plan, build_plan, conversion_preset
 from ..rules import load_rules
 from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
+from ..formats.objstore import fetch_checkpoint, is_url, parse_url
 from ..sources import open_source
 from ..untrusted import resolve, resolves_inside
 from .function_level import TextTokens, tokenize_text, verify_function
@@ -212,11 +213,14 @@ def hf_view(ck: Checkpoint, workdir: Path) -> Path:
 
 
 def run_verify(fused: Path, opts: VerifyOptions) -> Report:
+    url = parse_url(fused)
+    if url is not None:  # a T5X/Orbax checkpoint on object storage: its committed step, copied here
+        fused = fetch_checkpoint(url)
     fused = Path(fused)
     if not fused.exists():
         raise InputError(f"{fused}: no such file or directory")
     manifest = read_manifest(fused)
-    report = Report(fused=str(fused), sources=[])
+    report = Report(fused=str(url or fused), sources=[])
     report.meta.update({"deepfuse_version": __version__, "torch": torch.__version__, "python": platform.python_version()})
     try:
         import transformers
@@ -248,7 +252,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         self_fusion = manifest.kind == "self-fusion"
         use_manifest_options = True
         for p in paths:
-            if not p.exists():
+            if not p.exists() and not is_url(p):
                 raise InputError(f"source {p} recorded in {fused / MANIFEST_NAME} is not there",
                                  "pass the sources with --sources A B ... (and --times K for self-fusion)")
     else:
