@@ -405,6 +405,8 @@ def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None) 
     ``force``; then it holds exactly the new output. Nothing is uploaded when fusing fails."""
     from .formats import objstore
 
+    if not url.prefix:
+        raise UsageError(f"output {url}: a whole bucket", f"name a prefix inside it, e.g. {url}/fused")
     if not plan.output_adapter.stepped:
         raise UsageError(f"output {url}: only T5X and Orbax checkpoints are written to object storage",
                          "pass --to t5x or --to orbax, or write to a local directory")

@@ -297,3 +297,9 @@ def test_gcs_no_network_is_one_line(gcs, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
     line = refusal("self-fuse", LEGACY_A, "--times", 2, "-o", f"gs://{BUCKET}/x")
     assert f"gs://{BUCKET}/x" in line and "cannot reach the server" in line
+
+
+def test_gcs_no_bucket_and_bucket_root_are_one_line(gcs):
+    line = refusal("self-fuse", ORBAX_A, "--times", 2, "-o", "gs://no-such-bucket-here/x")
+    assert "gs://no-such-bucket-here/x" in line and "no such bucket" in line
+    assert "a whole bucket" in refusal("self-fuse", ORBAX_A, "--times", 2, "-o", f"gs://{BUCKET}")

@@ -201,12 +201,14 @@ def _fix(url: StoreURL) -> str:
             f"login) and the endpoint ({where}; STORAGE_EMULATOR_HOST for an emulator)")
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, what: str = "") -> str:
     text = " ".join(str(exc).split())
     text = re.sub(r"\s*\[(http_response_body|x-amz[^=]*|x-guploader[^=]*)=.*?\](?= \[|$)", "", text)
     low = text.lower()
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return "no such bucket"
+    if "http_response_code='404'" in low and what in ("list the objects", "write the object"):
+        return "no such bucket"  # GCS: a listing or an upload is 404 only without the bucket
     if any(s in low for s in ("accessdenied", "permission_denied", "invalidaccesskeyid", "signaturedoesnotmatch",
                               "unauthenticated", "http_response_code='403'", "http_response_code='401'")):
         return "permission denied: " + text[:160]
@@ -216,7 +218,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def store_error(url: StoreURL, what: str, exc: BaseException) -> UsageError:
-    return UsageError(f"{url}: cannot {what} ({_reason(exc)})", _fix(url))
+    return UsageError(f"{url}: cannot {what} ({_reason(exc, what)})", _fix(url))
 
 
 class Store:
