@@ -218,6 +218,7 @@ def test_s3_errors_are_one_line(s3, monkeypatch):
     line = refusal("self-fuse", LEGACY_A, "--times", 2, "-o", "s3://no-such-bucket-here/x")
     assert "s3://no-such-bucket-here/x" in line and "no such bucket" in line
     assert "no objects" in refusal("inspect", f"s3://{BUCKET}/nothing-here")
+    assert "--verify" in refusal("self-fuse", LEGACY_A, "--times", 2, "-o", f"s3://{BUCKET}/v", "--verify")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on the discard port
     line = refusal("inspect", f"s3://{BUCKET}/x")
     assert "cannot reach the server" in line

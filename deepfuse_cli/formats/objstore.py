@@ -285,7 +285,7 @@ class Store:
     def upload(self, files: list[tuple[str, Path | bytes]]) -> list[str]:
         """Write each ``(key, local file or bytes)``, many writes in flight (at most
         ``IN_FLIGHT_BYTES`` of data held, unless one object is larger); all done when it returns.
-        Returns the keys written, for a cleanup after a failure."""
+        Returns the keys written."""
         limit = max(1, _env_int("DEEPFUSE_OBJSTORE_CONCURRENCY", DEFAULT_CONCURRENCY))
         pending: deque = deque()
         held = 0
@@ -304,15 +304,12 @@ class Store:
                 k, n, fut = pending.popleft()
                 self._wait_write(k, fut)
                 done.append(k)
-        except BaseException:
-            for k, _n, fut in pending:  # nothing keeps writing behind our back
+        finally:
+            for _k, _n, fut in pending:  # after a failure: nothing keeps writing behind our back
                 try:
                     fut.result()
                 except Exception:  # noqa: BLE001 - the first error is being raised
                     pass
-                done.append(k)
-            self._written_on_failure = done
-            raise
         return done
 
     def _wait_write(self, key: str, future) -> None:
@@ -451,8 +448,9 @@ def fetch_checkpoint(url: StoreURL, step: int | None = None) -> Path:
 
 def commit_order(files: list[str]) -> tuple[list[str], list[str], dict[str, str], str]:
     """Split an output's files (relative keys) into (body, files uploaded last, marker objects to
-    add after them (key -> the directory it commits), marker name) for its format: Orbax gets ``commit_success.txt`` in every item
-    directory, then in the step directory; a T5X step's msgpack ``checkpoint`` goes last."""
+    add after them (key -> the directory it commits), marker name) for its format: Orbax gets
+    ``commit_success.txt`` in every item directory, then in the step directory (as orbax's
+    CheckpointManager leaves them); a T5X step's msgpack ``checkpoint`` goes last."""
     keyset = set(files)
     items = sorted({_parent(f) for f in files if PurePosixPath(f).name == ORBAX_METADATA})
     if items:
@@ -484,18 +482,17 @@ def upload_checkpoint(local: Path, url: StoreURL, files: list[str], replace: lis
         olds = marker_keys(replace)
         store.delete(olds)
         store.delete([k for k in replace if k not in set(olds)])
-    written: list[str] = []
     try:
-        written += store.upload([(k, local / k) for k in body])
-        written += store.upload([(k, local / k) for k in last])
+        store.upload([(k, local / k) for k in body])
+        store.upload([(k, local / k) for k in last])
         for key, directory in markers.items():  # item directories first, the step directory last
-            text = f"Checkpoint commit was successful to {url.child(directory)}"
-            written += store.upload([(key, text.encode())])
+            store.upload([(key, f"Checkpoint commit was successful to {url.child(directory)}".encode())])
     except BaseException:
-        written += getattr(store, "_written_on_failure", [])
+        # the prefix held nothing else (or its old objects were removed above): remove what is there
         try:
-            store.delete(marker_keys(written))
-            store.delete([k for k in dict.fromkeys(written) if k not in set(marker_keys(written))])
+            left = store.keys()
+            store.delete(marker_keys(left))
+            store.delete([k for k in left if k not in set(marker_keys(left))])
         except Exception:  # noqa: BLE001 - best effort: without its marker nothing restores anyway
             pass
         raise
