@@ -420,17 +420,26 @@ def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None) 
         raise UsageError(f"output {url} already holds {len(existing)} objects",
                          "pass --force to replace them, or choose another prefix")
     staging = objstore.temp_dir("deepfuse-output-")
+    local = staging / "output"
+    # into an empty prefix, finished data files go up while the rest is being written
+    early = objstore.EarlyUploader(store, _temp_path(local)) if not existing else None
     try:
-        local = staging / "output"
-        result = write_plan(plan, local, force=False, progress=progress)
+        try:
+            result = write_plan(plan, local, force=False, progress=progress)
+        finally:
+            sent = early.stop() if early is not None else {}
         files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         with _signals_raise():
-            current = store.keys()
+            current = [k for k in store.keys() if k not in sent]
             if current and not force:
                 raise UsageError(f"output {url} received objects while this run was writing (another run?); "
                                  "nothing was replaced and nothing was written",
                                  "pass --force to replace them, or choose another prefix")
-            objstore.upload_checkpoint(local, url, files, current)
+            objstore.upload_checkpoint(local, url, files, current, sent=sent, digests=result.files, store=store)
+    except BaseException:
+        if early is not None:  # what this run put there early (the rest is removed by upload_checkpoint)
+            objstore.discard(store, early.sent)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return FuseResult(output=str(url), files=result.files, total_bytes=result.total_bytes, manifest=result.manifest)

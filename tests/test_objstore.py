@@ -304,3 +304,32 @@ def test_gcs_no_bucket_and_bucket_root_are_one_line(gcs):
     line = refusal("self-fuse", ORBAX_A, "--times", 2, "-o", "gs://no-such-bucket-here/x")
     assert "gs://no-such-bucket-here/x" in line and "no such bucket" in line
     assert "a whole bucket" in refusal("self-fuse", ORBAX_A, "--times", 2, "-o", f"gs://{BUCKET}")
+
+
+def test_early_upload_is_checked_against_the_finished_output(s3, tmp_path):
+    """Data files sent while the output is written: a file changed afterwards is sent again, one
+    that is gone is removed, and the prefix ends as the finished output plus its marker."""
+    import time
+
+    url = objstore.parse_url(f"s3://{BUCKET}/early")
+    store = objstore.Store(url)
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    (work / "d" / "keep").write_bytes(b"a" * 1000)
+    (work / "d" / "changed").write_bytes(b"old")
+    (work / "d" / "gone").write_bytes(b"x")
+    early = objstore.EarlyUploader(store, work, interval=0.05)
+    deadline = time.time() + 20
+    while len(early.sent) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    sent = early.stop()
+    assert set(sent) == {"d/keep", "d/changed", "d/gone"}
+    (work / "d" / "changed").write_bytes(b"new")
+    (work / "d" / "gone").unlink()
+    (work / "_METADATA").write_bytes(b"{}")
+    files = ["_METADATA", "d/changed", "d/keep"]
+    digests = {f: __import__("hashlib").sha256((work / f).read_bytes()).hexdigest() for f in files}
+    objstore.upload_checkpoint(work, url, files, [], sent=sent, digests=digests, store=store)
+    got = objects(s3, "early")
+    assert set(got) == {*files, objstore.COMMIT_MARKER}
+    assert all(got[f] == (work / f).read_bytes() for f in files)

@@ -25,10 +25,12 @@ the transfers.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -472,27 +474,114 @@ def marker_keys(keys: Iterable[str]) -> list[str]:
     return [k for k in keys if PurePosixPath(k).name in (COMMIT_MARKER, T5X_MARKER)]
 
 
-def upload_checkpoint(local: Path, url: StoreURL, files: list[str], replace: list[str]) -> None:
+def upload_checkpoint(local: Path, url: StoreURL, files: list[str], replace: list[str],
+                      sent: dict[str, str] | None = None, digests: dict[str, str] | None = None,
+                      store: Store | None = None) -> None:
     """Upload the finished local output ``local`` (its ``files``, relative) to ``url``; first remove
     the objects of the output it replaces (``replace``: its commit markers first, so that it no
-    longer restores). On failure the objects written are removed again: nothing restores."""
+    longer restores). ``sent``: objects an :class:`EarlyUploader` already wrote (key -> sha256 of
+    their bytes); those whose bytes are the file's (``digests``: key -> sha256) are not sent again,
+    the others are, and early objects that are not files of the output are removed before the commit.
+    On failure the objects written are removed again: nothing restores."""
     body, last, markers, _name = commit_order(files)
-    store = Store(url)
+    sent, digests = sent or {}, digests or {}
+    body = [k for k in body if not (k in sent and digests.get(k) == sent[k])]
+    store = store or Store(url)
     if replace:
         olds = marker_keys(replace)
         store.delete(olds)
         store.delete([k for k in replace if k not in set(olds)])
     try:
         store.upload([(k, local / k) for k in body])
+        store.delete([k for k in sent if k not in set(files)])  # early copies of files that are gone
         store.upload([(k, local / k) for k in last])
         for key, directory in markers.items():  # item directories first, the step directory last
             store.upload([(key, f"Checkpoint commit was successful to {url.child(directory)}".encode())])
     except BaseException:
         # the prefix held nothing else (or its old objects were removed above): remove what is there
         try:
-            left = store.keys()
-            store.delete(marker_keys(left))
-            store.delete([k for k in left if k not in set(marker_keys(left))])
+            discard(store, store.keys())
         except Exception:  # noqa: BLE001 - best effort: without its marker nothing restores anyway
             pass
         raise
+
+
+def discard(store: Store, keys: Iterable[str]) -> None:
+    """Delete ``keys``, commit markers first, best effort (after a failure, errors are not news)."""
+    keys = list(dict.fromkeys(keys))
+    markers = marker_keys(keys)
+    try:
+        store.delete(markers)
+        store.delete([k for k in keys if k not in set(markers)])
+    except Exception:  # noqa: BLE001 - without its marker nothing restores anyway
+        pass
+
+
+class EarlyUploader:
+    """Uploads an output's finished data files while the rest is still being written: OCDBT data files
+    (``d/<name>``, renamed into place when complete) and the chunk files of zarr array directories,
+    each once its size and time have not changed between two looks. Whatever it sends is checked
+    against the finished output (``upload_checkpoint``): a file that changed afterwards is sent again,
+    an object that is no file of the output is removed, so the bytes are the same either way."""
+
+    def __init__(self, store: Store, directory: Path, interval: float = 0.25):
+        self.store = store
+        self.directory = Path(directory)
+        self.interval = interval
+        self.sent: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deepfuse-upload-early", daemon=True)
+        self._thread.start()
+
+    def _ready(self) -> list[Path]:
+        found = []
+        try:
+            paths = list(self.directory.rglob("*"))
+        except OSError:
+            return found
+        for p in paths:
+            rel = p.relative_to(self.directory)
+            if any(part.startswith(".") for part in rel.parts) or rel.as_posix() in self.sent:
+                continue
+            try:
+                if not p.is_file() or not (p.parent.name == "d" or (p.parent / ".zarray").is_file()
+                                           or (p.parent / "zarr.json").is_file()):
+                    continue
+                st = p.stat()
+            except OSError:
+                continue
+            key, stamp = rel.as_posix(), (st.st_size, st.st_mtime_ns)
+            if self._seen.get(key) == stamp:
+                found.append(p)
+            self._seen[key] = stamp
+        return found
+
+    def _items(self, paths: list[Path]):
+        for p in paths:
+            try:
+                data = p.read_bytes()
+            except OSError:
+                continue
+            key = p.relative_to(self.directory).as_posix()
+            self.sent[key] = hashlib.sha256(data).hexdigest()
+            yield key, data
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                ready = self._ready()
+                if ready:
+                    self.store.upload(self._items(ready))
+            except BaseException as exc:  # noqa: BLE001 - reported by stop()
+                self.error = exc
+                return
+
+    def stop(self) -> dict[str, str]:
+        """Stop (after the upload under way); return what was sent: key -> sha256 of its bytes."""
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return dict(self.sent)
