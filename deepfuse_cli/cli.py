@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, hub
 from .errors import DeepfuseError, UsageError
 from .formats import registry as formats
 from .options import ConvertState, DType, FuseOptions, NoiseMode, NormMode, OptimizerState
@@ -132,29 +132,81 @@ def _fuse_options(sources: int, args: dict[str, Any], **fixed: Any) -> FuseOptio
                              **fixed)
 
 
-def _hash_ahead(paths: list[Path], output: Path | None, dry_run: bool) -> None:
+def _hash_ahead(paths: list[str], output: Path | None, dry_run: bool) -> None:
     """A run records the sources' sha256: start it now, on the idle core, while torch is imported."""
     if output is not None and not dry_run:
         from .formats.files import prefetch_sha256
         from .formats.hf_layout import likely_weight_files
 
         try:
-            prefetch_sha256(f for p in dict.fromkeys(paths) for f in likely_weight_files(p))
+            prefetch_sha256(f for p in dict.fromkeys(paths) for f in likely_weight_files(Path(p)))
         except OSError:  # unreadable: the reader reports it properly
             pass
 
 
-def _build(paths: list[Path], options: FuseOptions, rules: str | None, step: int | None):
+def _note_local(specs: list[str], quiet: bool = False) -> None:
+    """Say so where a source that reads as a Hugging Face Hub id is a local path (which wins)."""
+    if quiet:
+        return
+    for spec in dict.fromkeys(specs):
+        if hub.shadows_hub_id(spec):
+            err.print(f"note: {spec}: using the local {'directory' if os.path.isdir(spec) else 'file'}, not the "
+                      "Hugging Face Hub model of that name", highlight=False)
+
+
+def _open_sources(paths: list[str], copies: int | None, step: int | None, quiet: bool = False) -> list:
+    """The sources, Hub ids fetched (huggingface_hub's progress bars on stderr unless ``quiet``);
+    ``copies``: self-fusion, the one source that many times."""
     from .sources import open_source
+
+    _note_local(paths, quiet)
+    with hub.progress_bars(show=not quiet):
+        if copies is not None:
+            return [open_source(paths[0], step=step)] * copies
+        return [open_source(p, step=step) for p in paths]
+
+
+def _build(paths: list[str], options: FuseOptions, rules: str | None, step: int | None, quiet: bool = False):
     from .plan import build_plan
     from .rules import load_rules
 
-    if options.self_fusion:
-        sources = [open_source(paths[0], step=step)] * len(options.weights)
-    else:
-        sources = [open_source(p, step=step) for p in paths]
+    sources = _open_sources(paths, len(options.weights) if options.self_fusion else None, step, quiet)
     preset = load_rules(rules) if rules else None
     return build_plan(sources, options, preset)
+
+
+#: options that change how a run reports, not what it writes: left out of the command a model card shows
+_PRESENTATION = {"quiet", "as_json", "force", "dry_run"}
+
+
+def _command_line(ctx: typer.Context | None) -> str | None:
+    """The running command as a shell line (``deepfuse fuse A B --norm prop -o OUTPUT``): its arguments,
+    then the options given on the command line, in the command's order, then the output as a
+    placeholder (a model card must not depend on where the checkpoint was written)."""
+    import shlex
+
+    if ctx is None:
+        return None
+
+    def text(value: Any) -> str:
+        return str(value.value if isinstance(value, Enum) else value)
+
+    words, options, output = ["deepfuse", ctx.info_name or ""], [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "output":  # where it was written is no part of how it was made
+            output = ["-o", "OUTPUT"] if value is not None else []
+        elif param.param_type_name == "argument":
+            words += [text(v) for v in value] if isinstance(value, (list, tuple)) else [text(value)]
+        elif (param.name not in _PRESENTATION and value is not None
+              and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"):
+            flag = max(param.opts, key=len)
+            if getattr(param, "is_flag", False):
+                if value:
+                    options.append(flag)
+            else:
+                options += [flag, *([text(v) for v in value] if isinstance(value, (list, tuple)) else [text(value)])]
+    return shlex.join(words + options + output)
 
 
 def _human(n: float) -> str:
@@ -189,16 +241,18 @@ def _print_plan(plan, as_json: bool) -> None:
         err.print(f"note: {note}", highlight=False)
 
 
-def _plan_or_run(plan, output: Path | None, dry_run: bool, force: bool, quiet: bool, as_json: bool, verify: bool) -> None:
+def _plan_or_run(plan, output: Path | None, dry_run: bool, force: bool, quiet: bool, as_json: bool,
+                 verify: bool, ctx: typer.Context | None = None) -> None:
     if dry_run:
         _print_plan(plan, as_json)
         return
     if output is None:
         raise UsageError("missing -o/--output", "name the output directory, or use --dry-run")
-    _run(plan, output, force, quiet, as_json, verify)
+    _run(plan, output, force, quiet, as_json, verify, ctx)
 
 
-def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bool = False) -> None:
+def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bool = False,
+         ctx: typer.Context | None = None) -> None:
     from .formats.objstore import is_url, parse_url
     from .fuse import write_plan
 
@@ -209,16 +263,17 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
         for note in plan.notes:
             err.print(f"note: {note}", highlight=False)
     show = not quiet and err.is_terminal
+    command = _command_line(ctx)
     start = time.perf_counter()
     if show:
         with Progress(TextColumn("[bold]fusing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       TimeRemainingColumn(), TextColumn("{task.description}", markup=False), console=err,
                       transient=True) as bar:
             task = bar.add_task("", total=plan.total_bytes)
-            result = write_plan(plan, output, force=force, progress=_never_fails(
+            result = write_plan(plan, output, force=force, command=command, progress=_never_fails(
                 lambda e: bar.update(task, advance=e.nbytes, description=e.name)))
     else:
-        result = write_plan(plan, output, force=force)
+        result = write_plan(plan, output, force=force, command=command)
     elapsed = time.perf_counter() - start
     _never_fails(_say_written)(plan, result, elapsed, quiet, as_json)  # the output is complete whatever happens here
     if verify:
@@ -226,6 +281,10 @@ def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bo
 
         report = run_verify(result.output, VerifyOptions())
         report.write_json(result.output / "verify-report.json")
+        if plan.output_adapter.model_card:  # the card shows the figures
+            from .model_card import write_card
+
+            write_card(result.output, result.manifest, command=command, verify=report.to_json())
         if not as_json:
             _emit_verify(report, None, None, None, False)
         elif not report.passed:
@@ -270,7 +329,8 @@ def _say_written(plan, result, elapsed: float, quiet: bool, as_json: bool) -> No
 @app.command()
 @command
 def fuse(
-    sources: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture.")],
+    ctx: typer.Context,
+    sources: Annotated[list[str], typer.Argument(help="Two or more checkpoints of one architecture: paths, or Hugging Face Hub ids (org/name, org/name@revision).")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
     rules: RulesOpt = None, norm: NormOpt = NormMode.rule, weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = NoiseMode.offdiag, seed: SeedOpt = 0,
@@ -287,14 +347,15 @@ def fuse(
         raise UsageError("fuse needs at least two sources", "to widen one model, use `deepfuse self-fuse MODEL --times K`")
     options = _fuse_options(len(sources), locals())
     _hash_ahead(sources, output, dry_run)
-    plan = _build(sources, options, rules, step)
-    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
+    plan = _build(sources, options, rules, step, quiet)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify, ctx)
 
 
 @app.command("self-fuse")
 @command
 def self_fuse(
-    source: Annotated[Path, typer.Argument(help="The checkpoint to widen.")],
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="The checkpoint to widen: a path, or a Hugging Face Hub id (org/name, org/name@revision).")],
     times: Annotated[int, typer.Option("--times", help="Number of copies K >= 2.")] = 2,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
     rules: RulesOpt = None, norm: NormOpt = NormMode.rule, noise_std: NoiseStdOpt = 0.0, noise_scale: NoiseScaleOpt = 0.0,
@@ -313,14 +374,15 @@ def self_fuse(
     check_copies(times)  # before anything is sized by it
     options = _fuse_options(times, locals(), self_fusion=True)
     _hash_ahead([source], output, dry_run)
-    plan = _build([source], options, rules, step)
-    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify)
+    plan = _build([source], options, rules, step, quiet)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify, ctx)
 
 
 @app.command()
 @command
 def convert(
-    source: Annotated[Path, typer.Argument(help="The checkpoint to convert.")],
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="The checkpoint to convert: a path, or a Hugging Face Hub id.")],
     to: Annotated[OutputFormat, typer.Option("--to", case_sensitive=False, help=f"{_TO_HELP}.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory.")] = None,
     rules: RulesOpt = None, dtype: DtypeOpt = DType.keep, max_shard_size: ShardOpt = "5GB", dry_run: DryRunOpt = False,
@@ -334,14 +396,14 @@ def convert(
     """
     options = _fuse_options(1, locals(), convert_only=True)
     _hash_ahead([source], output, dry_run)
-    plan = _build([source], options, rules, step)
-    _plan_or_run(plan, output, dry_run, force, quiet, as_json, False)
+    plan = _build([source], options, rules, step, quiet)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, False, ctx)
 
 
 @app.command("plan")
 @command
 def plan_cmd(
-    sources: Annotated[list[Path], typer.Argument(help="Checkpoints to fuse (one with --times for self-fusion).")],
+    sources: Annotated[list[str], typer.Argument(help="Checkpoints to fuse (one with --times for self-fusion): paths, or Hugging Face Hub ids.")],
     times: Annotated[Optional[int], typer.Option("--times", help="Self-fusion: number of copies.")] = None,
     rules: RulesOpt = None, norm: NormOpt = NormMode.rule, weights: WeightsOpt = None, noise_std: NoiseStdOpt = 0.0,
     noise_scale: NoiseScaleOpt = 0.0, noise_mode: NoiseModeOpt = NoiseMode.offdiag, seed: SeedOpt = 0,
@@ -368,14 +430,13 @@ def plan_cmd(
 @app.command()
 @command
 def inspect(
-    model: Annotated[Path, typer.Argument(help="A checkpoint (directory or file).")],
+    model: Annotated[str, typer.Argument(help="A checkpoint (directory or file), or a Hugging Face Hub id (org/name, org/name@revision).")],
     rules: RulesOpt = None, as_json: JsonOpt = False, step: StepOpt = None,
 ):
     """List tensors, shapes, dtypes, the detected family and the rule claiming each tensor."""
-    from .sources import open_source
     from .rules import RuleSet, load_rules, preset_for_config
 
-    ck = open_source(model, step=step)
+    [ck] = _open_sources([model], None, step)
     preset = None
     family_error = None
     try:
@@ -391,6 +452,9 @@ def inspect(
     info = {"path": str(ck.path), "format": ck.format, "family": preset.name if preset else None,
             "family_error": family_error, "tensors": rows, "total_bytes": ck.total_bytes,
             "model_type": (ck.config or {}).get("model_type")}
+    source = ck.metadata.get("hub")
+    if source is not None:
+        info["hub"] = {"repo_id": source.repo_id, "revision": source.revision, "commit": source.commit}
     if as_json:
         out.print_json(json.dumps(info))
         return
@@ -411,7 +475,7 @@ def inspect(
 @command
 def verify(
     fused: Annotated[Path, typer.Argument(help="The fused checkpoint.")],
-    sources: Annotated[Optional[list[Path]], typer.Option("--sources", help="Source checkpoints (default: from the manifest). Repeat or list.")] = None,
+    sources: Annotated[Optional[list[str]], typer.Option("--sources", help="Source checkpoints: paths or Hugging Face Hub ids (default: from the manifest). Repeat or list.")] = None,
     times: Annotated[Optional[int], typer.Option("--times", help="Self-fusion: the one source was copied K times.")] = None,
     rules: RulesOpt = None,
     probes: Annotated[int, typer.Option("--probes", help="Probe sequences per forward pass.")] = 4,
@@ -435,9 +499,11 @@ def verify(
 
     for flag, path in (("--report", report), ("--markdown", markdown), ("--junit", junit)):
         _check_report_path(flag, path)
-    result = run_verify(fused, VerifyOptions.parse(sources=sources, times=times, rules=rules, probes=probes,
-                                                   seq_len=seq_len, seed=seed, tol=tol, strict=strict,
-                                                   integrity_only=integrity_only, function=function, text=text))
+    _note_local(sources or [])
+    with hub.progress_bars(show=True):
+        result = run_verify(fused, VerifyOptions.parse(sources=sources, times=times, rules=rules, probes=probes,
+                                                       seq_len=seq_len, seed=seed, tol=tol, strict=strict,
+                                                       integrity_only=integrity_only, function=function, text=text))
     _emit_verify(result, report, markdown, junit, as_json)
 
 
@@ -530,19 +596,18 @@ def rules_show(name: Annotated[str, typer.Argument(help="Preset name or rules fi
 @command
 def rules_check(
     name: Annotated[str, typer.Argument(help="Preset name or rules file.")],
-    model: Annotated[Optional[Path], typer.Argument(help="A checkpoint to check coverage against.")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="A checkpoint to check coverage against (a path or a Hugging Face Hub id).")] = None,
     as_json: JsonOpt = False, step: StepOpt = None,
 ):
     """Validate a rules file; with MODEL, check every tensor is claimed by exactly one rule and every rule is used."""
     from .errors import RuleError
-    from .sources import open_source
     from .plan import virtualise_output
     from .rules import RuleSet, load_rules
 
     preset = load_rules(name)
     report = {"rules": preset.name, "valid": True, "unmatched": [], "ambiguous": {}, "unused": []}
     if model is not None:
-        ck = open_source(model, step=step)
+        [ck] = _open_sources([model], None, step)
         refs, _ = virtualise_output(ck, 0, preset)
         _, unmatched, ambiguous, unused = RuleSet(preset).coverage(list(refs))
         report.update(unmatched=unmatched, ambiguous={k: [m.index for m in v] for k, v in ambiguous.items()},

@@ -37,6 +37,7 @@ from .formats.objstore import parse_url
 from .ir import Checkpoint
 from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
+from .model_card import write_card
 from .compute import compute_tensor
 from .plan import Plan, PlanEntry
 from .rules.engine import preset_digest
@@ -127,8 +128,12 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
             if f not in seen:
                 seen[f] = sha256_file(f) if f.is_file() else ""
             files[name] = seen[f]
-        out.append({"path": ck.metadata.get("source_url") or str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"),
-                    "files": files})
+        record = {"path": ck.metadata.get("source_url") or str(resolve(ck.path)), "format": ck.format,
+                  "step": ck.metadata.get("step"), "files": files}
+        hub = ck.metadata.get("hub")
+        if hub is not None:
+            record["hub"] = {"repo_id": hub.repo_id, "revision": hub.revision, "commit": hub.commit}
+        out.append(record)
     return out
 
 
@@ -322,11 +327,13 @@ def _write_output_config(plan: Plan, tmp: Path, files: dict[str, str]) -> None:
     files.update(plan.output_adapter.write_sidecars(tmp, info))
 
 
-def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None) -> FuseResult:
-    """Execute ``plan`` into ``output`` atomically (an object-store URL: see ``_write_to_store``)."""
+def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None,
+               command: str | None = None) -> FuseResult:
+    """Execute ``plan`` into ``output`` atomically (an object-store URL: see ``_write_to_store``).
+    ``command``: the command line, as the model card of a Hugging Face output shows it."""
     url = parse_url(output)
     if url is not None:
-        return _write_to_store(plan, url, force=force, progress=progress)
+        return _write_to_store(plan, url, force=force, progress=progress, command=command)
     output = Path(output)
     check_output_path(output, plan.sources, force)
     check_free_space(plan, output)
@@ -378,6 +385,8 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             _write_output_config(plan, tmp, files)
             manifest = build_manifest(plan, dict(sorted(files.items())), digest_job.result())
             write_file(tmp / MANIFEST_NAME, manifest.dumps().encode())
+            if plan.output_adapter.model_card:
+                write_card(tmp, manifest, command=command)
             fsync_path(tmp)
             _replace(tmp, output, force)
         except BaseException as exc:
@@ -399,7 +408,7 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
     return FuseResult(output=output, files=manifest.files, total_bytes=plan.total_bytes, manifest=manifest)
 
 
-def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None) -> FuseResult:
+def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None, command: str | None) -> FuseResult:
     """Write the output locally (the same bytes as a local run), then upload it to the object store,
     committed the way orbax commits on GCS (its marker last). The prefix must hold no objects unless
     ``force``; then it holds exactly the new output. Nothing is uploaded when fusing fails."""
@@ -425,7 +434,7 @@ def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None) 
     early = objstore.EarlyUploader(store, _temp_path(local)) if not existing else None
     try:
         try:
-            result = write_plan(plan, local, force=False, progress=progress)
+            result = write_plan(plan, local, force=False, progress=progress, command=command)
         finally:
             sent = early.stop() if early is not None else {}
         files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())

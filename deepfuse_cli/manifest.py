@@ -26,11 +26,20 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class HubRecord(_Record):
+    """Where a source given as a Hugging Face Hub id came from."""
+
+    repo_id: str
+    revision: str | None = None  # as given after '@' (None: the default branch)
+    commit: str  # the commit hash of the snapshot read
+
+
 class SourceRecord(_Record):
-    path: str  # the source's real path when it was fused
+    path: str  # the source's real path when it was fused (a Hub source: its snapshot in the cache)
     format: Literal["hf", "safetensors", "torch", "t5x", "orbax"]
     step: int | None = None  # T5X/Orbax step read
     files: dict[str, str]  # weight file (relative to ``path``, or the file's real path) -> sha256
+    hub: HubRecord | None = None  # a Hub id's repository, revision and commit; absent for a local path
 
 
 class ConversionRecord(_Record):
@@ -88,7 +97,11 @@ class Manifest(_Record):
 
     def dumps(self) -> str:
         """The manifest file's text (sorted keys, two-space indent, final newline)."""
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        data = self.model_dump(mode="json")
+        for source in data["sources"]:  # recorded only for Hub sources: a local source's record is as it was
+            if source.get("hub") is None:
+                source.pop("hub", None)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> Manifest:

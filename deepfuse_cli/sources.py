@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import hub
 from .architectures import family_of
 from .formats import open_checkpoint
 from .formats.objstore import fetch_checkpoint, parse_url
@@ -19,12 +20,24 @@ from .rules.engine import list_presets, load_preset, preset_for_config
 
 
 def open_source(path: str | Path, step: int | None = None) -> Checkpoint:
-    """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none. An
-    object-store URL (T5X/Orbax) is first copied to a temporary local directory (the step read)."""
+    """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none.
+
+    ``path`` may be an object-store URL (``gs://``, ``s3://``; T5X/Orbax): the step read is first
+    copied into a temporary local directory, and ``metadata["source_url"]`` records the URL.
+    ``path`` given as text may be a Hugging Face Hub id (a local path of that name wins): the files
+    the checkpoint needs are fetched into (or found in) huggingface_hub's cache, and the checkpoint's
+    ``metadata["hub"]`` says which repository, revision and commit it is."""
     url = parse_url(path)
-    ck = open_checkpoint(path if url is None else fetch_checkpoint(url, step), step=step)
     if url is not None:
+        ck = open_checkpoint(fetch_checkpoint(url, step), step=step)
         ck.metadata["source_url"] = str(url)
+    elif hub.is_hub_source(path):
+        source = hub.resolve(str(path))
+        ck = open_checkpoint(source.path, step=step)
+        ck.metadata["hub"] = source
+        ck.extra_files = [f for f in ck.extra_files if f.name in source.files]  # what was asked for, whatever else is cached
+    else:
+        ck = open_checkpoint(path, step=step)
     if ck.config is None:
         naming = naming_of(ck)
         shapes = {n: r.shape for n, r in ck.tensors.items()}

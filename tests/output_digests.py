@@ -6,6 +6,8 @@ sharding, T5X/Orbax layouts and conversions, optimizer state) and digests each o
 manifest (``deepfuse.json``) records absolute source paths and the tool version, so it is digested
 with those replaced by placeholders, and without the rules it records (``rules``, ``preset``, their
 digest and the plan digest, which names rule patterns): those change whenever a preset file does.
+The model card (``README.md`` of a Hugging Face output) shows the command, so it is digested with
+the same paths and the tool version replaced by placeholders.
 
     python tests/output_digests.py            # print the table (case, file, sha256)
     python tests/output_digests.py --write    # rewrite tests/golden/output_digests.json
@@ -104,6 +106,17 @@ def _manifest_digest(data: bytes) -> str:
     return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
+def _card_digest(data: bytes) -> str:
+    """The model card, with what is run-specific (the fixtures' and work directory's paths in the
+    command it shows, the tool version) replaced by placeholders."""
+    from deepfuse_cli import __version__
+
+    text = data.decode().replace(str(FIX), "<FIXTURES>")
+    text = re.sub(r"/[^\s`\"]*/deepfuse-digests-[^/\s`\"]*/", "<WORK>/", text)
+    text = text.replace(f"deepfuse {__version__}", "deepfuse <VERSION>")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def digest_dir(out: Path) -> dict[str, str]:
     table = {}
     for p in sorted(out.rglob("*")):
@@ -111,7 +124,12 @@ def digest_dir(out: Path) -> dict[str, str]:
             continue
         rel = p.relative_to(out).as_posix()
         data = p.read_bytes()
-        table[rel] = _manifest_digest(data) if p.name == "deepfuse.json" else hashlib.sha256(data).hexdigest()
+        if p.name == "deepfuse.json":
+            table[rel] = _manifest_digest(data)
+        elif rel == "README.md":
+            table[rel] = _card_digest(data)
+        else:
+            table[rel] = hashlib.sha256(data).hexdigest()
     return table
 
 

@@ -66,6 +66,8 @@ class FormatAdapter(ABC):
     carries_optimizer_state: ClassVar[bool] = False
     #: claims every path no other adapter claims (its reader then says what is missing)
     fallback: ClassVar[bool] = False
+    #: its output directories carry a Hugging Face Hub model card (README.md)
+    model_card: ClassVar[bool] = False
 
     @property
     def spellings(self) -> tuple[str, ...]:

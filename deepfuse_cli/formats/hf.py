@@ -25,13 +25,15 @@ from ..ir import Checkpoint, TensorRef
 from ..untrusted import read_json
 from .base import CheckpointWriter, OutputTensor
 from .files import write_file
-from .hf_layout import BIN_INDEX, BIN_SINGLE, CONFIG, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES, is_shard_name
+from .hf_layout import BIN_INDEX, CONFIG, SAFE_INDEX, WEIGHT_LAYOUTS, WEIGHT_SUFFIXES, is_shard_name
 from .safetensors_io import SafetensorsFileWriter, read_safetensors_header
 from .torch_io import read_torch_file
 
 MANIFEST_NAME = "deepfuse.json"
+#: the Hub model card: a source's describes the source; the output gets its own
+MODEL_CARD_NAME = "README.md"
 #: files never copied from a source into the output (the output has its own)
-NOT_COPIED = {CONFIG, SAFE_INDEX, BIN_INDEX, MANIFEST_NAME}
+NOT_COPIED = {CONFIG, SAFE_INDEX, BIN_INDEX, MANIFEST_NAME, MODEL_CARD_NAME}
 
 
 def _read_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -88,14 +90,14 @@ def _read_index(directory: Path, index_path: Path) -> tuple[dict[str, TensorRef]
 
 
 def _weights_in(directory: Path) -> tuple[dict[str, TensorRef], list[Path], dict[str, str]]:
-    for index_name in (SAFE_INDEX, BIN_INDEX):
-        if (directory / index_name).is_file():
-            refs, files = _read_index(directory, directory / index_name)
-            return refs, [directory / index_name, *files], {}
-    for single in (SAFE_SINGLE, BIN_SINGLE):
-        if (directory / single).is_file():
-            refs, meta = _read_file(directory / single)
-            return refs, [directory / single], meta
+    for name in WEIGHT_LAYOUTS:
+        if not (directory / name).is_file():
+            continue
+        if name.endswith(".json"):
+            refs, files = _read_index(directory, directory / name)
+            return refs, [directory / name, *files], {}
+        refs, meta = _read_file(directory / name)
+        return refs, [directory / name], meta
     candidates = sorted(p.name for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     hint = (f"found {', '.join(candidates)}: pass one file directly with --rules" if candidates
             else "expected model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin")

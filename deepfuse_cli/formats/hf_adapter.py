@@ -27,6 +27,7 @@ class HuggingFaceAdapter(FormatAdapter):
     naming: ClassVar[Naming] = Naming.HF
     reads: ClassVar[tuple[str, ...]] = ("hf", "safetensors", "torch")  # a directory, a bare file of each kind
     fallback: ClassVar[bool] = True
+    model_card: ClassVar[bool] = True
 
     def detect(self, path: Path) -> bool:
         """Any path: a model directory or a weights file (the reader says what is missing)."""

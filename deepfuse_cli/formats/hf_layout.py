@@ -14,6 +14,9 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: a directory's weights, in the order the reader looks for them: safetensors before pickles (as
+#: transformers prefers them), an index before a single file
+WEIGHT_LAYOUTS = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
 
 
 def is_shard_name(name: object) -> bool:
@@ -32,13 +35,16 @@ def likely_weight_files(path: Path) -> list[Path]:
         return [path] if path.suffix in WEIGHT_SUFFIXES else []
     if not path.is_dir():
         return []
-    for index in (SAFE_INDEX, BIN_INDEX):
-        if (path / index).is_file():
-            try:
-                weight_map = untrusted.read_json(path / index).get("weight_map")
-            except DeepfuseError:
-                return []
-            if not isinstance(weight_map, dict) or not all(map(is_shard_name, weight_map.values())):
-                return []
-            return [path / shard for shard in dict.fromkeys(weight_map.values()) if (path / shard).is_file()]
-    return [path / single for single in (SAFE_SINGLE, BIN_SINGLE) if (path / single).is_file()][:1]
+    for name in WEIGHT_LAYOUTS:
+        if not (path / name).is_file():
+            continue
+        if not name.endswith(".json"):
+            return [path / name]
+        try:
+            weight_map = untrusted.read_json(path / name).get("weight_map")
+        except DeepfuseError:
+            return []
+        if not isinstance(weight_map, dict) or not all(map(is_shard_name, weight_map.values())):
+            return []
+        return [path / shard for shard in dict.fromkeys(weight_map.values()) if (path / shard).is_file()]
+    return []

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .. import __version__
 from ..errors import DeepfuseError, InputError, UsageError
@@ -38,7 +38,7 @@ MAX_PROBE_TOKENS = 2**14
 class VerifyOptions(Options):
     """What ``deepfuse verify`` checks, and how hard."""
 
-    sources: tuple[Path, ...] | None = None  # default: the manifest's
+    sources: tuple[str, ...] | None = None  # default: the manifest's (paths, or Hugging Face Hub ids)
     times: int | None = Field(default=None, ge=2, le=MAX_COPIES)  # self-fusion: the one source copied K times
     rules: str | None = None
     probes: int = Field(default=4, ge=1)
@@ -49,6 +49,14 @@ class VerifyOptions(Options):
     integrity_only: bool = False
     function: bool = True
     text: Path | None = None  # probe with this text's tokens (the source's tokenizer), not seeded random ids
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _as_given(cls, value):
+        """Sources as text, as given: a Hub id is not a path (``Path`` would rewrite ``./org/name``)."""
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v) if isinstance(v, Path) else v for v in value)
+        return value
 
     @model_validator(mode="after")
     def _one_source_for_times(self) -> VerifyOptions:
@@ -247,12 +255,15 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         self_fusion = opts.times is not None or (manifest is not None and manifest.kind == "self-fusion")
         use_manifest_options = manifest is not None and manifest.n == len(paths)
     elif manifest is not None:
-        paths = [Path(s.path) for s in manifest.sources]
+        # a Hub source is fetched again at the commit recorded (from the cache when it is there)
+        # an object-store source (its URL) is read from there again
+        paths = [(s.path if is_url(s.path) else Path(s.path)) if s.hub is None else f"{s.hub.repo_id}@{s.hub.commit}"
+                 for s in manifest.sources]
         steps = [s.step for s in manifest.sources]
         self_fusion = manifest.kind == "self-fusion"
         use_manifest_options = True
         for p in paths:
-            if not p.exists() and not is_url(p):
+            if isinstance(p, Path) and not p.exists():
                 raise InputError(f"source {p} recorded in {fused / MANIFEST_NAME} is not there",
                                  "pass the sources with --sources A B ... (and --times K for self-fusion)")
     else:
