@@ -424,7 +424,7 @@ def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None, 
         if src is not None and (url.contains(src) or src.contains(url)):
             raise UsageError(f"output {url} overlaps input {src}", "write the fused checkpoint somewhere outside its inputs")
     store = objstore.Store(url)
-    existing = store.keys()  # also proves the bucket is there and ours to use, before any work
+    existing = store.list_keys()  # also proves the bucket is there and ours to use, before any work
     if existing and not force:
         raise UsageError(f"output {url} already holds {len(existing)} objects",
                          "pass --force to replace them, or choose another prefix")
@@ -439,7 +439,7 @@ def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None, 
             sent = early.stop() if early is not None else {}
         files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         with _signals_raise():
-            current = [k for k in store.keys() if k not in sent]
+            current = [k for k in store.list_keys() if k not in sent]
             if current and not force:
                 raise UsageError(f"output {url} received objects while this run was writing (another run?); "
                                  "nothing was replaced and nothing was written",

@@ -127,6 +127,15 @@ def test_url_parsing():
     assert not objstore.StoreURL("s3", "b", "a").contains(objstore.StoreURL("s3", "b", "ab"))
 
 
+def test_commit_order_per_layout():
+    marker = objstore.COMMIT_MARKER
+    assert objstore.commit_order(["_METADATA", "d/x", "deepfuse.json"])[2] == {marker: ""}
+    mgr = objstore.commit_order(["1000/default/_METADATA", "1000/_CHECKPOINT_METADATA", "deepfuse.json"])
+    assert list(mgr[2]) == [f"1000/default/{marker}", f"1000/{marker}"]  # item first, the step last
+    body, last, markers, _ = objstore.commit_order(["checkpoint_5/checkpoint", "checkpoint_5/a/0", "deepfuse.json"])
+    assert last == ["checkpoint_5/checkpoint"] and not markers and "checkpoint_5/checkpoint" not in body
+
+
 def test_t5x_to_s3_is_byte_identical_and_committed_last(s3, tmp_path, monkeypatch):
     order = record_uploads(monkeypatch)
     cli("self-fuse", LEGACY_A, "--times", 2, "-o", f"s3://{BUCKET}/t5x", "-q")

@@ -25,6 +25,7 @@ the transfers.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import re
@@ -237,7 +238,7 @@ class Store:
         except Exception as exc:  # noqa: BLE001 - tensorstore raises ValueError and friends
             raise store_error(url, "open the object store", exc) from None
 
-    def keys(self) -> list[str]:
+    def list_keys(self) -> list[str]:
         """Every key under the prefix, sorted."""
         try:
             found = self.kv.list().result()
@@ -266,10 +267,8 @@ class Store:
                 self._land(pending.popleft())
         finally:
             for _key, _target, future in pending:  # after a failure: nothing keeps reading
-                try:
+                with contextlib.suppress(Exception):  # the first error is being raised
                     future.result()
-                except Exception:  # noqa: BLE001 - the first error is being raised
-                    pass
 
     def _land(self, job) -> None:
         key, target, future = job
@@ -308,10 +307,8 @@ class Store:
                 done.append(k)
         finally:
             for _k, _n, fut in pending:  # after a failure: nothing keeps writing behind our back
-                try:
+                with contextlib.suppress(Exception):  # the first error is being raised
                     fut.result()
-                except Exception:  # noqa: BLE001 - the first error is being raised
-                    pass
         return done
 
     def _wait_write(self, key: str, future) -> None:
@@ -437,7 +434,7 @@ def _choose_step(url: StoreURL, steps: dict[int, str], step: int | None, what: s
 def fetch_checkpoint(url: StoreURL, step: int | None = None) -> Path:
     """Copy the checkpoint at ``url`` (its chosen step) into a temporary local directory; return it."""
     store = Store(url)
-    keys = select_checkpoint(url, store.keys(), step)
+    keys = select_checkpoint(url, store.list_keys(), step)
     dest = temp_dir("deepfuse-source-") / "checkpoint"
     dest.mkdir()
     store.download(keys, dest)
@@ -453,16 +450,12 @@ def commit_order(files: list[str]) -> tuple[list[str], list[str], dict[str, str]
     add after them (key -> the directory it commits), marker name) for its format: Orbax gets
     ``commit_success.txt`` in every item directory, then in the step directory (as orbax's
     CheckpointManager leaves them); a T5X step's msgpack ``checkpoint`` goes last."""
-    keyset = set(files)
     items = sorted({_parent(f) for f in files if PurePosixPath(f).name == ORBAX_METADATA})
     if items:
         dirs = [*items]
-        for item in items:
-            step_dir = _parent(item) if item else None
-            if step_dir is not None and (step_dir == "" or _STEP_NAME.match(PurePosixPath(step_dir).name)
-                                         or any(f == f"{step_dir}/_CHECKPOINT_METADATA" for f in keyset)):
-                if step_dir not in dirs:
-                    dirs.append(step_dir)
+        for item in items:  # an item below the top is in a step directory, which commits last
+            if item and _parent(item) not in dirs:
+                dirs.append(_parent(item))
         markers = {(f"{d}/{COMMIT_MARKER}" if d else COMMIT_MARKER): d for d in dirs}
         return [f for f in files if f not in markers], [], markers, COMMIT_MARKER
     last = sorted(f for f in files if PurePosixPath(f).name == T5X_MARKER)
@@ -499,10 +492,8 @@ def upload_checkpoint(local: Path, url: StoreURL, files: list[str], replace: lis
             store.upload([(key, f"Checkpoint commit was successful to {url.child(directory)}".encode())])
     except BaseException:
         # the prefix held nothing else (or its old objects were removed above): remove what is there
-        try:
-            discard(store, store.keys())
-        except Exception:  # noqa: BLE001 - best effort: without its marker nothing restores anyway
-            pass
+        with contextlib.suppress(Exception):  # best effort: without its marker nothing restores anyway
+            discard(store, store.list_keys())
         raise
 
 
@@ -510,11 +501,9 @@ def discard(store: Store, keys: Iterable[str]) -> None:
     """Delete ``keys``, commit markers first, best effort (after a failure, errors are not news)."""
     keys = list(dict.fromkeys(keys))
     markers = marker_keys(keys)
-    try:
+    with contextlib.suppress(Exception):  # without its marker nothing restores anyway
         store.delete(markers)
         store.delete([k for k in keys if k not in set(markers)])
-    except Exception:  # noqa: BLE001 - without its marker nothing restores anyway
-        pass
 
 
 class EarlyUploader:
