@@ -411,7 +411,9 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
 def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None, command: str | None) -> FuseResult:
     """Write the output locally (the same bytes as a local run), then upload it to the object store,
     committed the way orbax commits on GCS (its marker last). The prefix must hold no objects unless
-    ``force``; then it holds exactly the new output. Nothing is uploaded when fusing fails."""
+    ``force``; then it holds exactly the new output, its old objects removed only once the new output
+    is complete locally. When anything fails, what this run uploaded (early or not) is removed again.
+    Into an empty prefix, finished data files are uploaded while the rest is still being written."""
     from .formats import objstore
 
     if not url.prefix:
