@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from .. import ops as fusion_ops
 from ..naming import DESCRIPTIONS
@@ -40,6 +40,7 @@ WIDENED_ROLES = {
     "mlp": "the MLP's intermediate units",
     "head_count": "one entry per attention head (e.g. T5 relative attention bias)",
     "qkv": "a fused projection axis holding several parts (split with 'parts')",
+    "experts": "mixture-of-experts experts, one entry each (a router's output axis)",
 }
 #: Axis roles that must be equal in every source.
 SHARED_ROLES = {
@@ -49,6 +50,7 @@ SHARED_ROLES = {
     "features": "input features shared by all sources",
     "classes": "output classes / logits shared by all sources",
     "shared": "any other axis that must match across sources",
+    "expert_mlp": "an expert's intermediate units (equal in every source: the fused model has more experts, not wider ones)",
 }
 AXIS_ROLES = {**WIDENED_ROLES, **SHARED_ROLES}
 
@@ -57,6 +59,10 @@ OPS = {name: op.description for name, op in fusion_ops.OPS.items()}
 
 LAYER_TOKEN = "{layer}"
 LAYER_REGEX = r"(?P<layer>\d+)"
+#: In a pattern, an expert's number: the fused model's experts are every source's, in source order
+#: (source m's expert j becomes expert E_1 + ... + E_{m-1} + j)
+EXPERT_TOKEN = "{expert}"
+EXPERT_REGEX = r"(?P<expert>\d+)"
 #: Tensor namings: the ecosystem whose names (and layouts) a checkpoint's files use.
 NAMINGS = {n.value: text for n, text in DESCRIPTIONS.items()}
 #: Legacy ``output.scale`` values, as expressions.
@@ -118,7 +124,7 @@ class Rule(_Strict):
     @classmethod
     def _valid_regex(cls, v: str) -> str:
         try:
-            re.compile(v.replace(LAYER_TOKEN, LAYER_REGEX))
+            re.compile(v.replace(LAYER_TOKEN, LAYER_REGEX).replace(EXPERT_TOKEN, EXPERT_REGEX))
         except re.error as exc:
             raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
         return v
@@ -172,7 +178,13 @@ class Rule(_Strict):
 
     @property
     def regex(self) -> re.Pattern[str]:
-        return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX))
+        return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX).replace(EXPERT_TOKEN, EXPERT_REGEX))
+
+    @property
+    def per_expert(self) -> bool:
+        """The rule claims one tensor per mixture-of-experts expert (``{expert}`` in its pattern):
+        each fused expert comes from one source's expert, renumbered after the previous sources'."""
+        return EXPERT_TOKEN in self.pattern
 
 
 def _ops_that(has: Callable[[fusion_ops.FusionOp], bool]) -> str:
@@ -255,6 +267,23 @@ class NormSpec(_Strict):
     offset: float = Field(default=0.0, description="the scale is (offset + weight), e.g. 1.0 for Gemma")
 
 
+class MoeSpec(_Strict):
+    """A mixture-of-experts family: how many experts each source routes to, and its router module, so
+    that the fused config records the experts per source and :func:`grouped_norm.apply_grouped_norms`
+    can swap the router for one that routes each source among its own experts (exact for any sources)."""
+
+    router: str = Field(description="router module class name, e.g. MixtralTopKRouter")
+    experts: str = Field(description="number of experts of one source, an expression (e.g. num_local_experts)")
+    top_k: str = Field(description="experts each token is routed to in one source, an expression")
+    renormalise: str = Field(description="whether the top-k routing weights are renormalised to sum to 1, an "
+                             "expression (e.g. 'True', or 'norm_topk_prob')")
+
+    @field_validator("experts", "top_k", "renormalise")
+    @classmethod
+    def _expressions(cls, v: str) -> str:
+        return _valid_expression(v)
+
+
 class Preset(_Strict):
     name: str
     description: str = ""
@@ -265,6 +294,7 @@ class Preset(_Strict):
     naming: str = Field(default="hf", description="the naming the patterns are written in")
     runtime: RuntimeSpec | None = None
     norms: list[NormSpec] = Field(default_factory=list)
+    moe: MoeSpec | None = None
     output: OutputSpec | None = None
     config: ConfigSpec | None = None
     rules: list[Rule]
@@ -273,6 +303,14 @@ class Preset(_Strict):
     @classmethod
     def _naming(cls, v: str) -> str:
         return _known_naming(v)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_moe(self, handler):
+        """A family without experts dumps (and digests) as it did before ``moe`` existed."""
+        data = handler(self)
+        if self.moe is None and isinstance(data, dict):
+            data.pop("moe", None)
+        return data
 
     @property
     def namings(self) -> list[str]:

@@ -264,6 +264,27 @@ def passthrough_identical(lay: Layout) -> list[Block]:
     return [Block("whole", "source 1's tensor", every, lay.shape, (Term(1.0, source=0, region=every),), source=0)]
 
 
+def expert_in(lay: Layout) -> list[Block]:
+    """A fused expert's input kernel: slice m of the hidden axis is source m's (the plan gives the
+    expert's own source its expert, every other source zeros)."""
+    return _slices(lay, _whole(lay), lay.rule.widened_axes[0], 0, None)
+
+
+def expert_out(lay: Layout) -> list[Block]:
+    """A fused expert's output kernel: slice m of the hidden axis is n x source m's. The fused router
+    routes to n times as many experts, each with 1/n of its source's routing weight (softmax over n
+    equal copies; renormalised top-k), so n x the weight restores each source's MLP output."""
+    axis = lay.rule.widened_axes[0]
+    starts = _starts([s[axis] for s in lay.source_shapes], 0)
+    blocks = []
+    for m, piece in enumerate(_whole(lay)):
+        shape = _shape(lay, {axis: piece[axis][1]})
+        where = _region(lay.ndim, {axis: (starts[m], shape[axis])})
+        term = Term(float(lay.n), source=m, region=_region(lay.ndim, piece))
+        blocks.append(Block("slice", f"slice of source {m + 1} (times n = {lay.n})", where, shape, (term,), source=m))
+    return blocks
+
+
 #: rule op -> the blocks of its fused tensor
 DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "block_diagonal": block_diagonal,
@@ -272,6 +293,8 @@ DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "output_average": output_average,
     "bias_average": bias_average,
     "passthrough_identical": passthrough_identical,
+    "expert_in": expert_in,
+    "expert_out": expert_out,
 }
 
 
