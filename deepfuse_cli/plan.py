@@ -28,6 +28,7 @@ from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
+from .grouped_router import MOE_EXPERTS_KEY, MOE_TOP_K_KEY  # each source's experts and top-k, in config.json
 from .rules.expr import evaluate
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
@@ -35,11 +36,6 @@ BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
 MIN_NOISE_AHEAD = 8 * 2**20  # below this, noise on the second core stops paying for itself
 STREAM_BUFFERS = 64 * 2**20  # streaming writes: staging buffers, noise pieces, queues
 
-
-#: config.json fields of a fused mixture-of-experts model: each source's number of experts (the fused
-#: experts are theirs, in source order) and how many of them a token is routed to
-MOE_EXPERTS_KEY = "deepfuse_moe_experts"
-MOE_TOP_K_KEY = "deepfuse_moe_top_k"
 
 #: the most copies a self-fusion makes: far wider than any useful model, and small enough that the
 #: per-source lists of a plan stay small (a huge K is refused before anything is built for it)
