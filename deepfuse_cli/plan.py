@@ -439,7 +439,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         tensors.append(refs)
         tied.append(t)
 
-    tensors, expert_refs = _expand_experts(sources, tensors, preset)
+    tensors, expert_refs, expert_counts = _expand_experts(sources, tensors, preset)
+    _check_expert_counts(sources, family, configs, expert_counts)
     names = sorted(tensors[0], key=natural_key)  # canonical: output bytes do not depend on input format
     for m in range(1, n):
         other = tensors[m]
@@ -526,14 +527,15 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
 
 def _expand_experts(sources: list[Checkpoint], tensors: list[dict[str, TensorRef]], preset: Preset
-                    ) -> tuple[list[dict[str, TensorRef]], dict[str, list[TensorRef]]]:
+                    ) -> tuple[list[dict[str, TensorRef]], dict[str, list[TensorRef]], list[int]]:
     """Mixture-of-experts experts, concatenated: the sources' tensors without their per-expert ones
     (rules with ``{expert}``), and each fused expert's n source tensors. Source m's expert j becomes
     expert E_1 + ... + E_{m-1} + j; its tensor is source m's, and every other source m' gives zeros of
-    its own width (the expert reads and writes only source m's slice of the hidden state)."""
+    its own width (the expert reads and writes only source m's slice of the hidden state). Also each
+    source's number of experts (per MoE layer)."""
     rules = [r for r in preset.rules if r.per_expert]
     if not rules:
-        return tensors, {}
+        return tensors, {}, []
     n = len(tensors)
     # per source: the tensor's name with {expert} -> expert number -> ref
     groups: list[dict[str, dict[int, TensorRef]]] = []
@@ -592,7 +594,24 @@ def _expand_experts(sources: list[Checkpoint], tensors: list[dict[str, TensorRef
                                           source=f"zeros: source {k + 1} has no part in {own.name!r} of source {m + 1}"))
                 out[key.replace("{expert}", str(offset + j))] = refs
             offset += counts[m]
-    return rest, out
+    return rest, out, counts
+
+
+def _check_expert_counts(sources: list[Checkpoint], family: Family, configs: list[dict | None],
+                         counts: list[int]) -> None:
+    """Each source's expert tensors are as many as its config.json says (the fused config's count is
+    their sum, and the grouped router's groups are these counts)."""
+    moe = family.preset.moe
+    if moe is None or not counts:
+        return
+    for m, (ck, c) in enumerate(zip(sources, configs, strict=True)):
+        if c is None or not counts[m]:
+            continue
+        want = evaluate(moe.experts, family.view(c))
+        if want != counts[m]:
+            raise InputError(f"{_origin(ck, m)}: its MoE layers hold {counts[m]} experts, but config.json gives "
+                             f"{moe.experts} = {want}",
+                             "config.json does not describe these weights: fix it or use the model's own config")
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:

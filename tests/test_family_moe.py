@@ -258,3 +258,11 @@ def test_presets_record_their_router_and_expert_counts():
         assert preset.moe is not None and preset.moe.router == router
         assert any(r.per_expert for r in preset.rules)
     assert load_preset("llama").moe is None
+
+
+def test_a_config_that_miscounts_the_experts_is_refused(hf_fixtures, tmp_path):
+    lying = copy_with(hf_fixtures / "mixtral-b", tmp_path / "b", {"num_local_experts": 5})
+    out = tmp_path / "fused"
+    result = runner.invoke(app, ["fuse", str(hf_fixtures / "mixtral-a"), str(lying), "-o", str(out)])
+    clean_refusal(result, ["source 2", "4 experts", "num_local_experts = 5"])
+    assert not out.exists()

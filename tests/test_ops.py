@@ -129,6 +129,8 @@ IDENTITY_RULES = {  # op -> a rule for a 2-D tensor and the context fields of on
     "output_average": (rule("output_average", ["vocab", "hidden"]), {"scales": [1.0]}),
     "bias_average": (rule("bias_average", ["classes", "shared"]), {"weights": [1.0]}),
     "passthrough_identical": (rule("passthrough_identical", ["shared", "shared"]), {}),
+    "expert_in": (rule("expert_in", ["expert_mlp", "hidden"]), {}),
+    "expert_out": (rule("expert_out", ["hidden", "expert_mlp"]), {}),
 }
 
 
