@@ -145,7 +145,7 @@ def test_sources_of_different_widths_and_expert_counts(hf_fixtures, tmp_path):
 
     torch.manual_seed(7)
     config = tf.MixtralConfig(vocab_size=64, hidden_size=24, num_attention_heads=6, num_key_value_heads=3, head_dim=4,
-                              intermediate_size=12, num_hidden_layers=2, max_position_embeddings=64,
+                              intermediate_size=24, num_hidden_layers=2, max_position_embeddings=64,
                               num_local_experts=3, num_experts_per_tok=1, rms_norm_eps=1e-6)
     wide = tf.MixtralForCausalLM(config).eval()
     with torch.no_grad():
