@@ -573,6 +573,7 @@ def _expand_experts(sources: list[Checkpoint], tensors: list[dict[str, TensorRef
                              f"{_origin(sources[other], other)} lacks",
                              "sources must have the same architecture and depth")
     out: dict[str, list[TensorRef]] = {}
+    zeros: dict[tuple, TensorRef] = {}  # one placeholder per source, kernel and shape, shared by the experts
     for key in keys:
         rule = next(r for r in rules if r.regex.fullmatch(key.replace("{expert}", "0")))
         axis = rule.widened_axes[0] if len(rule.widened_axes) == 1 else None
@@ -586,12 +587,22 @@ def _expand_experts(sources: list[Checkpoint], tensors: list[dict[str, TensorRef
                         refs.append(own)
                         continue
                     like = groups[k][key][0]  # source k's width on the widened axis, and its dtype
+                    shared = [ax for ax in range(len(own.shape)) if ax != axis]
+                    if len(like.shape) == len(own.shape) and any(like.shape[ax] != own.shape[ax] for ax in shared):
+                        raise InputError(f"{_origin(sources[m], m)}: tensor {own.name!r} has shape {list(own.shape)} "
+                                         f"but {_origin(sources[k], k)}'s {like.name!r} has {list(like.shape)}",
+                                         "the sources' experts must have the same size (the fused model has more "
+                                         "experts, not wider ones)")
                     shape = tuple(like.shape[ax] if ax == axis else s for ax, s in enumerate(own.shape))
                     if axis is None or len(like.shape) != len(own.shape):
                         shape = tuple(like.shape)
-                    refs.append(TensorRef(name=like.name, shape=shape, dtype=like.dtype,
-                                          loader=lambda shape=shape, dt=like.dtype: torch.zeros(shape, dtype=dt),
-                                          source=f"zeros: source {k + 1} has no part in {own.name!r} of source {m + 1}"))
+                    zkey = (k, key, shape, m)
+                    if zkey not in zeros:
+                        zeros[zkey] = TensorRef(
+                            name=like.name, shape=shape, dtype=like.dtype,
+                            loader=lambda shape=shape, dt=like.dtype: torch.zeros(shape, dtype=dt),
+                            source=f"zeros: source {k + 1} has no part in source {m + 1}'s experts {key!r}")
+                    refs.append(zeros[zkey])
                 out[key.replace("{expert}", str(offset + j))] = refs
             offset += counts[m]
     return rest, out, counts

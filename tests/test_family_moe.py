@@ -266,3 +266,21 @@ def test_a_config_that_miscounts_the_experts_is_refused(hf_fixtures, tmp_path):
     result = runner.invoke(app, ["fuse", str(hf_fixtures / "mixtral-a"), str(lying), "-o", str(out)])
     clean_refusal(result, ["source 2", "4 experts", "num_local_experts = 5"])
     assert not out.exists()
+
+
+def test_experts_of_another_size_are_refused(hf_fixtures, tmp_path):
+    """The fused model has more experts, not wider ones: every source's experts must have one size."""
+    def shrink(sd):
+        for k in [k for k in sd if ".experts." in k]:
+            sd[k] = (sd[k][:8] if k.endswith(("w1.weight", "w3.weight")) else sd[k][:, :8]).contiguous()
+    other = copy_with(hf_fixtures / "mixtral-b", tmp_path / "b", {"intermediate_size": 8}, tensors=shrink)
+    out = tmp_path / "fused"
+    result = runner.invoke(app, ["fuse", str(hf_fixtures / "mixtral-a"), str(other), "-o", str(out),
+                                 "--rules", "mixtral"])
+    assert result.exit_code == 2 and not out.exists()
+    assert "intermediate_size" in result.stderr  # the config says it first
+    bare = copy_with(hf_fixtures / "mixtral-a", tmp_path / "a")
+    for path in (bare, other):  # bare weights: the tensors say it
+        (path / "config.json").unlink()
+    result = runner.invoke(app, ["fuse", str(bare), str(other), "-o", str(out), "--rules", "mixtral"])
+    clean_refusal(result, ["experts", "shape"])

@@ -17,7 +17,8 @@ A rules file (JSON) describes one architecture family::
     }
 
 ``pattern`` is a regular expression matched against the *whole* tensor name; ``{layer}``
-stands for a layer number. ``axes`` names the role of every axis of the tensor: a widened
+stands for a layer number, ``{expert}`` for a mixture-of-experts expert's number (such a rule's
+tensors are renumbered: the fused model has every source's experts, in source order). ``axes`` names the role of every axis of the tensor: a widened
 role (each source owns a slice of that axis) or a shared one (equal in every source).
 """
 
