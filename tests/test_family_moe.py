@@ -284,3 +284,60 @@ def test_experts_of_another_size_are_refused(hf_fixtures, tmp_path):
         (path / "config.json").unlink()
     result = runner.invoke(app, ["fuse", str(bare), str(other), "-o", str(out), "--rules", "mixtral"])
     clean_refusal(result, ["experts", "shape"])
+
+
+# The stacked layout transformers holds in its modules (save_pretrained(save_original_format=False)) ----
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacked_experts_self_fusion_is_exact_and_stays_stacked(family, hf_fixtures, tmp_path):
+    out = tmp_path / "fused"
+    cli("self-fuse", hf_fixtures / f"{family}-a-stacked", "--times", "2", "-o", out, "-q")
+    names = load_file(out / "model.safetensors")
+    assert names["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 8
+    assert names["model.layers.0.mlp.experts.down_proj"].shape[:2] == (8, 32)
+    logits, hidden = outputs_of(out)
+    assert_fused_function(logits, hidden, [fixture_outputs(f"{family}-a")] * 2, [0.5, 0.5])
+
+
+def test_stacked_experts_different_sources_are_exact_with_grouped_routers(hf_fixtures, tmp_path):
+    out = tmp_path / "fused"
+    cli("fuse", hf_fixtures / "mixtral-a-stacked", hf_fixtures / "mixtral-b-stacked", "-o", out, "--norm", "prop", "-q")
+    model = load(out)
+    apply_grouped_norms(model)
+    logits, hidden = run(model, probe())
+    assert_fused_function(logits, hidden, [fixture_outputs("mixtral-a"), fixture_outputs("mixtral-b")], [0.5, 0.5])
+
+
+def test_preserving_noise_keeps_self_fusion_exact_in_the_stacked_experts(hf_fixtures, tmp_path):
+    """Noise in the router and in the stacked experts' off-diagonal blocks, compensated on the
+    diagonal (along the experts axis for the output kernels): the function is unchanged."""
+    out = tmp_path / "fused"
+    cli("self-fuse", hf_fixtures / "mixtral-a-stacked", "--times", "2", "--noise-scale", "0.05",
+        "--noise-mode", "preserving", "-o", out, "-q")
+    down = load_file(out / "model.safetensors")["model.layers.0.mlp.experts.down_proj"]
+    assert float(down[:4, 16:].abs().max()) > 0  # off-diagonal noise is there
+    logits, hidden = outputs_of(out)
+    assert_fused_function(logits, hidden, [fixture_outputs("mixtral-a")] * 2, [0.5, 0.5])
+    assert checks_of(verify_report(out))["function: logits vs source"] == "pass"
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_stacked_output_kernels_are_n_times_the_block_diagonal_and_agree_with_verify(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(int(torch.randint(1, 4, (), generator=g)), int(torch.randint(1, 5, (), generator=g)), 3)
+              for _ in range(n)]
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    rule = Rule(pattern="w", op="expert_stack_out", axes=["experts", "hidden", "expert_mlp"], input_axis=0)
+    blocks = ops.get("expert_stack_out").rows(tensors, rule, ops.FuseContext(dtype=torch.float32))
+    fused = torch.cat([b.clone() for b in blocks], dim=0)
+    e0 = d0 = 0
+    for t in tensors:
+        e, d, _ = t.shape
+        assert torch.equal(fused[e0:e0 + e, d0:d0 + d], t * n)
+        e0, d0 = e0 + e, d0 + d
+    assert int(fused.ne(0).sum()) == sum(int(t.ne(0).sum()) for t in tensors)
+    lay = Layout(name="w", rule=rule, source_shapes=[t.shape for t in tensors], weights=[1 / n] * n)
+    for block in decompose(lay):
+        want = sum((t.coef * tensors[t.source][t.region] for t in block.terms), torch.zeros(block.shape))
+        assert torch.equal(fused[block.where], want)

@@ -155,9 +155,10 @@ def _part_name(rule: Rule, part: int | None) -> str:
     return f" of part {'qkv'[part] if rule.parts == 3 else part}"
 
 
-def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: int | None) -> list[Block]:
+def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: int | None,
+                coef: float = 1.0) -> list[Block]:
     """The n x n blocks of the block-diagonal of ``pieces`` over the two widened axes, the fused
-    pieces starting at ``base`` (axis -> offset in the fused tensor)."""
+    pieces starting at ``base`` (axis -> offset in the fused tensor), the sources times ``coef``."""
     a0, a1 = lay.rule.widened_axes
     n = len(pieces)
     starts = {ax: _starts([p[ax][1] for p in pieces], base.get(ax, 0)) for ax in (a0, a1)}
@@ -178,7 +179,7 @@ def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: in
                 blocks.append(Block("off-diagonal", f"off-diagonal block ({i + 1}, {j + 1}){_part_name(lay.rule, part)}",
                                     where, shape, terms))
                 continue
-            diag = [Term(1.0, source=i, region=_region(lay.ndim, pieces[i]))]
+            diag = [Term(coef, source=i, region=_region(lay.ndim, pieces[i]))]
             if lay.noise is not None and lay.noise.preserving:
                 # output block b = i receives N(a, b) from every other input block a
                 for a in range(n):
@@ -285,6 +286,13 @@ def expert_out(lay: Layout) -> list[Block]:
     return blocks
 
 
+def expert_stack_out(lay: Layout) -> list[Block]:
+    """Stacked experts' output kernels [E, d, I]: block-diagonal over the experts and hidden axes of n x
+    each source (as ``expert_out``: each expert's routing weight in the fused model is 1/n of its
+    source's); preserving noise is compensated along the experts axis (the rule's input_axis)."""
+    return _block_grid(lay, _whole(lay), {}, None, coef=float(lay.n))
+
+
 #: rule op -> the blocks of its fused tensor
 DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "block_diagonal": block_diagonal,
@@ -295,6 +303,7 @@ DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "passthrough_identical": passthrough_identical,
     "expert_in": expert_in,
     "expert_out": expert_out,
+    "expert_stack_out": expert_stack_out,
 }
 
 
