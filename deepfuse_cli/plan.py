@@ -23,12 +23,12 @@ from .convert import IDENTITY, Conversion, conversion_for, output_config
 from .errors import InputError, UsageError
 from .formats import registry as formats
 from .formats.registry import naming_of
+from .grouped_router import MOE_EXPERTS_KEY, MOE_TOP_K_KEY  # each source's experts and top-k, in config.json
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
-from .grouped_router import MOE_EXPERTS_KEY, MOE_TOP_K_KEY  # each source's experts and top-k, in config.json
 from .rules.expr import evaluate
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
