@@ -586,6 +586,8 @@ def rules_show(name: Annotated[str, typer.Argument(help="Preset name or rules fi
         flags = ", ".join(f for f, on in (("optional", r.optional), ("norm", r.norm)) if on)
         if r.input_axis is not None:
             flags = ", ".join(filter(None, [flags, f"input_axis={r.input_axis}"]))
+        if r.runtime_scale is not None:
+            flags = ", ".join(filter(None, [flags, f"runtime x {r.runtime_scale}"]))
         table.add_row(str(i), r.pattern, r.op, role_summary(r), flags)
     out.print(table)
     for op, text in OPS.items():

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .grouped_router import apply_grouped_routers
 from .rules.schema import NormSpec
 
 GROUPS_KEY = "deepfuse_norm_groups"
@@ -110,11 +111,13 @@ def _grouped(module: nn.Module, groups: Sequence[int], specs: Sequence[NormSpec]
     return GroupedNorm(module, groups, spec.kind, eps, cast_before_scale=not spec.scale_in_fp32, offset=spec.offset)
 
 
-def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None) -> int:
-    """Replace every hidden-size norm in ``model`` by a grouped one; returns how many were replaced.
+def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None, *, routers: bool = True) -> int:
+    """Replace every hidden-size norm in ``model`` by a grouped one; returns how many modules were replaced.
 
     ``groups`` defaults to ``model.config.deepfuse_norm_groups``. Raises ValueError if there are
-    no groups or no norm matched (a model that was not fused with ``--norm prop``).
+    no groups or no norm matched (a model that was not fused with ``--norm prop``). A fused
+    mixture-of-experts model also gets grouped routers (each source's top-k among its own experts,
+    ``grouped_router``), unless ``routers`` is False (the stock routing, e.g. to measure it).
     """
     if groups is None:
         config = getattr(model, "config", None)
@@ -133,4 +136,6 @@ def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None) -
                 replaced += 1
     if replaced == 0:
         raise ValueError(f"no norm over the hidden size {sum(groups)} was found in {type(model).__name__}")
+    if routers:
+        replaced += apply_grouped_routers(model)
     return replaced

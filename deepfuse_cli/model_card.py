@@ -13,6 +13,7 @@ digests the manifest records.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +194,27 @@ def _facts(manifest: Manifest) -> list[tuple[str, str]]:
     return facts
 
 
-def render(manifest: Manifest, *, command: str | None = None, verify: dict[str, Any] | None = None) -> str:
+def _runtime_class(manifest: Manifest, config: dict | None) -> str | None:
+    """The transformers class the output loads in: the family's, or the head its config.json names
+    among the family's heads (BERT: BertForSequenceClassification)."""
+    from pydantic import ValidationError
+
+    from .rules.schema import RuntimeSpec
+
+    data = manifest.rules.get("runtime") if isinstance(manifest.rules, dict) else None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return RuntimeSpec.model_validate(data).class_for(config)
+    except ValidationError:
+        return data.get("model_class") if isinstance(data.get("model_class"), str) else None
+
+
+def render(manifest: Manifest, *, command: str | None = None, verify: dict[str, Any] | None = None,
+           config: dict | None = None) -> str:
     """The card's text for the output of the run ``manifest`` records; ``command`` as the user ran it
-    (its output named by a placeholder); ``verify``: the report of ``deepfuse verify`` (its JSON).
+    (its output named by a placeholder); ``verify``: the report of ``deepfuse verify`` (its JSON);
+    ``config``: the output's config.json (which head it is).
     Nothing in it depends on where the output was written: the same run writes the same bytes."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -206,7 +225,7 @@ def render(manifest: Manifest, *, command: str | None = None, verify: dict[str, 
         if len(bases) > 1:
             data["base_model_relation"] = "merge"
     card_data = ModelCardData(library_name="transformers", tags=list(TAGS), **data)
-    runtime = (manifest.rules.get("runtime") or {}).get("model_class") if isinstance(manifest.rules, dict) else None
+    runtime = _runtime_class(manifest, config)
     card = ModelCard.from_template(
         card_data, template_str=TEMPLATE, title=_title(manifest), path=MODEL_PATH, summary=_summary(manifest), sources=_sources(manifest),
         command=command, facts=_facts(manifest), runtime=runtime or "AutoModel", family=manifest.preset,
@@ -219,4 +238,11 @@ def render(manifest: Manifest, *, command: str | None = None, verify: dict[str, 
 def write_card(directory: Path, manifest: Manifest, *, command: str | None = None,
                verify: dict[str, Any] | None = None) -> None:
     """Write (or rewrite, with verify's figures) the model card into ``directory``."""
-    write_file(Path(directory) / MODEL_CARD_NAME, render(manifest, command=command, verify=verify).encode())
+    config = None
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass  # no config (or not ours to judge): the family's class
+    config = config if isinstance(config, dict) else None
+    write_file(Path(directory) / MODEL_CARD_NAME,
+               render(manifest, command=command, verify=verify, config=config).encode())

@@ -23,11 +23,13 @@ from .convert import IDENTITY, Conversion, conversion_for, output_config
 from .errors import InputError, UsageError
 from .formats import registry as formats
 from .formats.registry import naming_of
+from .grouped_router import MOE_EXPERTS_KEY, MOE_TOP_K_KEY  # each source's experts and top-k, in config.json
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
 from .plan_record import NoiseRecord, PlanRecord, TensorRecord
 from .rules.engine import RuleSet, preset_digest, preset_for_config
+from .rules.expr import evaluate
 from .rules.schema import WIDENED_ROLES, Preset, Rule
 
 BASE_MEMORY = 400 * 2**20  # interpreter, torch and libraries
@@ -58,6 +60,10 @@ class PlanEntry:
     dtype: torch.dtype
     noise: bool  # off-diagonal noise applies to this tensor
     scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
+    part_sizes: list[list[int]] | None = None  # parts named by role: each part's size in each source
+    #: per-source tensors when they are not the sources' tensors of this name: a mixture-of-experts
+    #: expert comes from one source's expert (renumbered) and zeros for every other source
+    refs: list[TensorRef] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -100,6 +106,7 @@ class Plan:
     weights_rescaled: bool = False
     notes: list[str] = field(default_factory=list)
     nonfinite: list[dict[str, Any]] = field(default_factory=list)  # filled while fusing (--allow-nonfinite)
+    deviations: list[str] = field(default_factory=list)  # the family's runtime is not the average of these sources
     output_format: str = formats.HUGGING_FACE.name  # registered name of the output's format adapter
     conversion: Conversion = IDENTITY  # plan names -> the output format's names and layout
     output_config: dict[str, Any] | None = None  # config.json (HF) or T5X dimensions (gin) of the output
@@ -109,6 +116,12 @@ class Plan:
     @property
     def n(self) -> int:
         return len(self.sources)
+
+    def source_refs(self, entry: PlanEntry) -> list[TensorRef]:
+        """The n source tensors ``entry`` is fused from, in source order."""
+        if entry.refs is not None:
+            return entry.refs
+        return [self.tensors[m][entry.name] for m in range(self.n)]
 
     @property
     def family(self) -> Family:
@@ -218,13 +231,21 @@ def _is_tied(refs: dict[str, TensorRef], output: str, embedding: str, transpose:
 
 
 def virtualise_output(ck: Checkpoint, m: int, preset: Preset) -> tuple[dict[str, TensorRef], bool]:
-    """The source's tensors with the output projection present (tied sources: the embedding)."""
+    """The source's tensors with the output projection present (tied sources: the embedding), and the
+    head's other tied tensors (``also_tied``) where the files leave them out."""
     refs = dict(ck.tensors)
     spec = preset.output
     if spec is None:
         return refs, False
+    if spec.when_present is not None and spec.when_present not in refs:
+        return refs, False  # the source has no such head (a bare encoder, a classification head)
     if spec.tied_to is None or spec.tied_to not in refs:
         return refs, False  # nothing to tie to: the rules will say if the output is missing
+    for also in spec.also_tied:
+        if also.name not in refs and also.tied_to in refs:
+            ref = refs[also.tied_to]
+            refs[also.name] = TensorRef(name=also.name, shape=ref.shape, dtype=ref.dtype, loader=ref.loader,
+                                        source=f"{ref.source} (tied to {also.tied_to})")
     tied = _is_tied(refs, spec.name, spec.tied_to, spec.transpose)
     if tied:
         emb = refs[spec.tied_to]
@@ -280,7 +301,7 @@ def source_configs(sources: list[Checkpoint], family: Family) -> list[dict | Non
     return [family.canonical_config(ck.config, naming_of(ck)) for ck in sources]
 
 
-def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None]) -> None:
+def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict | None], fusing: bool = True) -> None:
     spec = family.preset.config
     if spec is None:
         return
@@ -292,6 +313,12 @@ def check_configs(sources: list[Checkpoint], family: Family, configs: list[dict 
                              "give model directories for every source")
         family.check_sizes(c, f"{_origin(ck, m)} config")  # before any arithmetic on them
     views = [family.view(c) for c in configs]
+    for text, reason in (spec.refuse.items() if fusing else ()):
+        for m, v in enumerate(views):
+            if evaluate(text, v):
+                raise InputError(f"{_origin(sources[m], m)}: no fused {family.name} model computes this source's "
+                                 f"function: {reason}",
+                                 f"no exact wider form exists for {family.name} checkpoints with {text} (config.json)")
     for key in spec.equal:
         ref = views[0].get(key)
         for m, v in enumerate(views[1:], start=1):
@@ -357,6 +384,12 @@ def widen_config(sources: list[Checkpoint], family: Family, configs: list[dict |
                 out[key] = name
     out.pop("deepfuse_norm_groups", None)
     out.pop("deepfuse_norm_mode", None)
+    moe = family.preset.moe
+    for key in (MOE_EXPERTS_KEY, MOE_TOP_K_KEY):
+        out.pop(key, None)
+    if moe is not None and not options.convert_only:
+        out[MOE_EXPERTS_KEY] = [int(evaluate(moe.experts, v)) for v in views]
+        out[MOE_TOP_K_KEY] = [int(evaluate(moe.top_k, v)) for v in views]
     if options.norm == "prop":
         out["deepfuse_norm_mode"] = "prop"
         out["deepfuse_norm_groups"] = groups
@@ -405,7 +438,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         preset = conversion_preset(preset)
     family = family_of(preset)
     configs = source_configs(sources, family)
-    check_configs(sources, family, configs)
+    check_configs(sources, family, configs, fusing=not options.convert_only)
 
     tensors: list[dict[str, TensorRef]] = []
     tied: list[bool] = []
@@ -422,6 +455,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         tensors.append(refs)
         tied.append(t)
 
+    tensors, expert_refs, expert_counts = _expand_experts(sources, tensors, preset)
+    _check_expert_counts(sources, family, configs, expert_counts)
     names = sorted(tensors[0], key=natural_key)  # canonical: output bytes do not depend on input format
     for m in range(1, n):
         other = tensors[m]
@@ -434,14 +469,18 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
             raise InputError(f"{_origin(sources[m], m)} has tensor {extra!r}, which {_origin(sources[0], 0)} lacks",
                              "sources must have the same architecture and depth")
 
+    if expert_refs:
+        names = sorted([*names, *expert_refs], key=natural_key)
     matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
     output_scales = [family.output_scale(c) for c in configs]
+    sized_parts = any(isinstance(r.parts, list) for r in preset.rules)
+    source_widths = [family.widths(c) for c in configs] if sized_parts else []
 
     entries: list[PlanEntry] = []
     for name in names:
         match = matches[name]
         rule = match.rule
-        refs = [tensors[m][name] for m in range(n)]
+        refs = expert_refs.get(name) or [tensors[m][name] for m in range(n)]
         for m, ref in enumerate(refs):
             if len(ref.shape) != len(rule.axes):
                 raise InputError(
@@ -466,9 +505,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         scales = None
         if op.averages_outputs:
             scales = [options.weights[m] * output_scales[m] for m in range(n)]
+        part_sizes = _part_sizes(sources, family, source_widths, name, rule, [r.shape for r in refs])
         entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
-                                 shape=shape, dtype=dtype, noise=noise, scales=scales))
+                                 shape=shape, dtype=dtype, noise=noise, scales=scales, part_sizes=part_sizes,
+                                 refs=expert_refs.get(name)))
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
@@ -478,6 +519,11 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
                 config=None, norm_groups=groups, output_scales=output_scales, tied=tied,
                 weights_rescaled=options.weights_rescaled)
     plan.config = widen_config(sources, family, configs, options, groups)
+    if not options.convert_only:
+        family.check_fused(plan.config)
+        _runtime_scales(plan, family, configs)
+        if n > 1 and not options.self_fusion:
+            plan.deviations = family.deviations(configs)
     _resolve_output(plan, names)
     if options.optimizer_state == "fuse" and (plan.sources_have_optimizer_state or not options.convert_only):
         writer = plan.output_adapter
@@ -490,7 +536,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
 
             plan.state = StatePlan.build(plan)
     if any(tied) and preset.output is not None:
-        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}")
+        also = "".join(f" and {t.name}" for t in preset.output.also_tied)
+        plan.notes.append(f"tied output projection untied: the fused model has its own {preset.output.name}{also}")
     if options.weights_rescaled:
         plan.notes.append("weights did not sum to 1 and were normalised to " +
                           ", ".join(f"{w:.6g}" for w in options.weights))
@@ -500,9 +547,156 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     if options.norm == "rule" and n > 1 and not options.self_fusion:
         plan.notes.append("norm mode 'rule': norms over the concatenated hidden state; the fused function "
                           "approximates the average (run `deepfuse verify` to measure by how much)")
+    for reason in plan.deviations:
+        plan.notes.append(f"{reason}; the fused function approximates the average of these sources (run "
+                          "`deepfuse verify` to measure by how much)")
     if options.max_memory is not None:
         plan.fit_memory(options.max_memory)
     return plan
+
+
+def _runtime_scales(plan: Plan, family: Family, configs: list[dict | None]) -> None:
+    """Tensors the runtime multiplies by a width-dependent factor (a rule's ``runtime_scale``, e.g. Gemma's
+    embedding by sqrt(hidden_size)): each source's block is stored times its factor over the fused one."""
+    fused = plan.config  # in the family's vocabulary, as the sources' configs
+    noted: set[int] = set()
+    for e in plan.entries:
+        scales = family.runtime_scales(e.rule, configs, fused, e.name)
+        if scales is None:
+            continue
+        e.scales = scales
+        if e.rule_index not in noted:
+            noted.add(e.rule_index)
+            plan.notes.append(f"{e.name}: the runtime multiplies it by {e.rule.runtime_scale} (of its own config), so "
+                              "source blocks are stored times " + ", ".join(f"{x:.6g}" for x in scales))
+
+
+def _part_sizes(sources: list[Checkpoint], family: Family, widths: list[dict[str, Any]], name: str, rule: Rule,
+                shapes: list[tuple[int, ...]]) -> list[list[int]] | None:
+    """For a rule whose ``parts`` name roles (Phi-3's [heads, kv, kv]): each part's size in each source,
+    from the family's width expressions over that source's config; they must tile the 'qkv' axis."""
+    if not isinstance(rule.parts, list):
+        return None
+    axis = rule.axes.index("qkv")
+    exprs = family.preset.config.width_expressions() if family.preset.config is not None else {}
+    if len(sources) == 1 and any(type(widths[0].get(role)) is not int for role in rule.parts):
+        return [[shapes[0][axis], *[0] * (len(rule.parts) - 1)]]  # a conversion: one source's parts stay in place
+    out = []
+    for m, (ck, w) in enumerate(zip(sources, widths, strict=True)):
+        sizes = []
+        for role in rule.parts:
+            size = w.get(role)
+            if type(size) is not int:
+                why = (f"the family gives no width for role {role!r}" if role not in exprs else
+                       "it has no config.json to size them" if not ck.config else
+                       f"{exprs[role]} is {size!r} in its config.json")
+                raise InputError(f"{_origin(ck, m)}: tensor {name!r} is split into parts {rule.parts}, but {why}",
+                                 "give the model directory with its config.json (and the family's widths)")
+            sizes.append(size)
+        if sum(sizes) != shapes[m][axis]:
+            text = " + ".join(f"{role} {size}" for role, size in zip(rule.parts, sizes, strict=True))
+            raise InputError(f"{_origin(ck, m)}: tensor {name!r} axis {axis} has {shapes[m][axis]} entries, but its "
+                             f"parts are {text} = {sum(sizes)} by config.json",
+                             "config.json does not describe these weights: fix it or use the model's own config")
+        out.append(sizes)
+    return out
+def _expand_experts(sources: list[Checkpoint], tensors: list[dict[str, TensorRef]], preset: Preset
+                    ) -> tuple[list[dict[str, TensorRef]], dict[str, list[TensorRef]], list[int]]:
+    """Mixture-of-experts experts, concatenated: the sources' tensors without their per-expert ones
+    (rules with ``{expert}``), and each fused expert's n source tensors. Source m's expert j becomes
+    expert E_1 + ... + E_{m-1} + j; its tensor is source m's, and every other source m' gives zeros of
+    its own width (the expert reads and writes only source m's slice of the hidden state). Also each
+    source's number of experts (per MoE layer)."""
+    rules = [r for r in preset.rules if r.per_expert]
+    if not rules:
+        return tensors, {}, []
+    n = len(tensors)
+    # per source: the tensor's name with {expert} -> expert number -> ref
+    groups: list[dict[str, dict[int, TensorRef]]] = []
+    rest: list[dict[str, TensorRef]] = []
+    for refs in tensors:
+        g: dict[str, dict[int, TensorRef]] = {}
+        others: dict[str, TensorRef] = {}
+        for name, ref in refs.items():
+            hit = next((mt for r in rules if (mt := r.regex.fullmatch(name))), None)
+            if hit is None:
+                others[name] = ref
+                continue
+            key = name[:hit.start("expert")] + "{expert}" + name[hit.end("expert"):]
+            g.setdefault(key, {})[int(hit.group("expert"))] = ref
+        groups.append(g)
+        rest.append(others)
+    counts = []
+    for m, g in enumerate(groups):
+        sizes = {key: len(experts) for key, experts in g.items()}
+        count = max(sizes.values(), default=0)
+        for key, experts in sorted(g.items()):
+            if sorted(experts) != list(range(count)):
+                missing = next(j for j in range(count) if j not in experts)
+                raise InputError(f"{_origin(sources[m], m)} has no tensor {key.replace('{expert}', str(missing))!r} "
+                                 f"(it has {count} experts elsewhere)",
+                                 "every MoE layer of a source must hold experts 0..E-1 for each of its kernels")
+        counts.append(count)
+    keys = sorted(groups[0], key=natural_key)
+    for m in range(1, n):
+        diff = next((k for k in keys if k not in groups[m]), None) or next(
+            (k for k in groups[m] if k not in groups[0]), None)
+        if diff is not None:
+            which, other = (m, 0) if diff in groups[m] else (0, m)
+            raise InputError(f"{_origin(sources[which], which)} has tensors {diff!r}, which "
+                             f"{_origin(sources[other], other)} lacks",
+                             "sources must have the same architecture and depth")
+    out: dict[str, list[TensorRef]] = {}
+    zeros: dict[tuple, TensorRef] = {}  # one placeholder per source, kernel and shape, shared by the experts
+    for key in keys:
+        rule = next(r for r in rules if r.regex.fullmatch(key.replace("{expert}", "0")))
+        axis = rule.widened_axes[0] if len(rule.widened_axes) == 1 else None
+        offset = 0
+        for m in range(n):
+            for j in range(counts[m]):
+                own = groups[m][key][j]
+                refs = []
+                for k in range(n):
+                    if k == m:
+                        refs.append(own)
+                        continue
+                    like = groups[k][key][0]  # source k's width on the widened axis, and its dtype
+                    shared = [ax for ax in range(len(own.shape)) if ax != axis]
+                    if len(like.shape) == len(own.shape) and any(like.shape[ax] != own.shape[ax] for ax in shared):
+                        raise InputError(f"{_origin(sources[m], m)}: tensor {own.name!r} has shape {list(own.shape)} "
+                                         f"but {_origin(sources[k], k)}'s {like.name!r} has {list(like.shape)}",
+                                         "the sources' experts must have the same size (the fused model has more "
+                                         "experts, not wider ones)")
+                    shape = tuple(like.shape[ax] if ax == axis else s for ax, s in enumerate(own.shape))
+                    if axis is None or len(like.shape) != len(own.shape):
+                        shape = tuple(like.shape)
+                    zkey = (k, key, shape, m)
+                    if zkey not in zeros:
+                        zeros[zkey] = TensorRef(
+                            name=like.name, shape=shape, dtype=like.dtype,
+                            loader=lambda shape=shape, dt=like.dtype: torch.zeros(shape, dtype=dt),
+                            source=f"zeros: source {k + 1} has no part in source {m + 1}'s experts {key!r}")
+                    refs.append(zeros[zkey])
+                out[key.replace("{expert}", str(offset + j))] = refs
+            offset += counts[m]
+    return rest, out, counts
+
+
+def _check_expert_counts(sources: list[Checkpoint], family: Family, configs: list[dict | None],
+                         counts: list[int]) -> None:
+    """Each source's expert tensors are as many as its config.json says (the fused config's count is
+    their sum, and the grouped router's groups are these counts)."""
+    moe = family.preset.moe
+    if moe is None or not counts:
+        return
+    for m, (ck, c) in enumerate(zip(sources, configs, strict=True)):
+        if c is None or not counts[m]:
+            continue
+        want = evaluate(moe.experts, family.view(c))
+        if want != counts[m]:
+            raise InputError(f"{_origin(ck, m)}: its MoE layers hold {counts[m]} experts, but config.json gives "
+                             f"{moe.experts} = {want}",
+                             "config.json does not describe these weights: fix it or use the model's own config")
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:

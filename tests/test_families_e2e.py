@@ -93,16 +93,6 @@ def test_qwen3_different_sources_are_refused_at_the_shared_head_norm(norm, hf_fi
     assert not out.exists()
 
 
-def test_opt_with_a_projected_embedding_is_refused_naming_the_tensor(tmp_path):
-    """project_in/project_out (word_embed_proj_dim != hidden_size) have no rule: refused, not guessed."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_attention_heads=4, ffn_dim=24, num_hidden_layers=1,
-                             max_position_embeddings=32, word_embed_proj_dim=8)).save_pretrained(tmp_path / "opt")
-    result = runner.invoke(app, ["self-fuse", str(tmp_path / "opt"), "-o", str(tmp_path / "out")])
-    clean_refusal(result, ["model.decoder.project_"])
-
-
 def test_olmo2_prop_under_grouped_query_attention_is_refused_at_the_kv_norm(tmp_path):
     """OLMo 2's k_norm spans kv_heads * head_dim; grouped norms group the hidden size only, so under
     grouped-query attention --norm prop could not be exact: refused, naming the tensor."""

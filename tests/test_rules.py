@@ -16,7 +16,8 @@ from .helpers import assert_fused_function, cli, load, probe, run
 
 PRESET_FIXTURES = {"llama": ["llama-a", "qwen2-a", "mistral-a", "llama-tied-a"], "gpt2": ["gpt2-a"],
                    "t5": ["t5v11-a", "t5v10-a"], "mlp": ["mlp-a"], "qwen3": ["qwen3-a"],
-                   "starcoder2": ["starcoder2-a"], "olmo2": ["olmo2-a"], "gpt_neox": ["gpt_neox-a"], "opt": ["opt-a"]}
+                   "starcoder2": ["starcoder2-a"], "olmo2": ["olmo2-a"], "gpt_neox": ["gpt_neox-a"], "opt": ["opt-a", "opt-proj-a"],
+                   "mixtral": ["mixtral-a", "mixtral-a-stacked"], "qwen3_moe": ["qwen3_moe-a", "qwen3_moe-a-stacked"]}
 
 
 def test_every_preset_is_valid_and_has_a_fixture():

@@ -28,8 +28,8 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import InputError
-from ..rules.expr import evaluate
-from ..rules.schema import Preset
+from ..rules.expr import evaluate, names
+from ..rules.schema import Preset, Rule
 
 #: preset ``architecture`` -> module of code hooks (imported when a family needs it)
 HOOK_MODULES = {"t5": "t5", "mlp": "mlp"}
@@ -115,6 +115,46 @@ class Family:
             raise InputError(f"the {self.name} output scale {self.preset.output.scale!r} cannot be computed from "
                              "this config.json", "the config lacks a field the family needs")
         return float(value)
+
+    def runtime_scales(self, rule: Rule, configs: list[dict | None], fused: dict | None,
+                       name: str) -> list[float] | None:
+        """Per source, the factor its block of a ``runtime_scale`` tensor is stored times:
+        ``runtime_scale(source m) / runtime_scale(fused)`` (None for other tensors)."""
+        text = rule.runtime_scale
+        if text is None:
+            return None
+        if fused is None or any(c is None for c in configs):
+            raise InputError(f"the {self.name} runtime multiplies tensor {name!r} by {text}, which needs every "
+                             "source's config.json", "give model directories with their config.json")
+        values = []
+        for c in [*configs, fused]:
+            value = evaluate(text, self.view(c))
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise InputError(f"the {self.name} runtime scale {text!r} of tensor {name!r} is {value!r} for this "
+                                 "config.json, expected a positive number", "the config lacks a field the family needs")
+            values.append(float(value))
+        *each, whole = values
+        return [v / whole for v in each]
+
+    def check_fused(self, config: dict | None) -> None:
+        """Refuse a fused config that fails one of the family's ``require`` conditions (its runtime would not
+        load it)."""
+        spec = self.preset.config
+        if spec is None or config is None:
+            return
+        view = self.view(config)
+        for text, why in spec.require.items():
+            if evaluate(text, view) is False:
+                raise InputError(f"the fused {self.name} config fails {text!r} ({why}): "
+                                 + ", ".join(f"{k} = {view.get(k)!r}" for k in sorted(names(text))),
+                                 "choose sources whose summed widths meet it (e.g. fuse a different number of copies "
+                                 "or other sources)")
+
+    def deviations(self, configs: list[dict | None]) -> list[str]:
+        """Why the family's runtime cannot compute the average of these (different) sources exactly: the
+        ``reason`` of every deviation whose ``when`` holds in some source."""
+        return [d.reason for d in self.preset.deviations
+                if any(c is not None and bool(evaluate(d.when, self.view(c))) for c in configs)]
 
     def widths(self, config: dict | None) -> dict[str, Any]:
         """Widened axis role -> its size in a source with this config (None where it cannot be derived)."""

@@ -21,9 +21,10 @@ class Concat(FusionOp):
     name = "concat"
     description = "one widened axis: concatenate the sources along it"
     widened_count = 1
+    takes_scales = True
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
-        return concat_rows(tensors, rule.widened_axes[0], dtype=ctx.dtype, ring=ctx.buffers(),
+        return concat_rows(tensors, rule.widened_axes[0], scales=ctx.scales, dtype=ctx.dtype, ring=ctx.buffers(),
                            chunk_bytes=ctx.chunk_bytes)
 
 

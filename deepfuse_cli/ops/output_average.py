@@ -26,8 +26,8 @@ class OutputAverage(FusionOp):
 
     def check(self, rule: RuleView) -> None:
         (axis,) = self.require_widened(rule)
-        if rule.axes[axis] != "hidden":
-            raise ValueError("output_average concatenates along a 'hidden' axis")
+        if rule.axes[axis] not in ("hidden", "proj"):  # 'proj': the embedding width where it is not the hidden size
+            raise ValueError("output_average concatenates along a 'hidden' axis (or 'proj', the embedding width)")
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
         return concat_rows(tensors, rule.widened_axes[0], scales=ctx.scales, dtype=ctx.dtype, ring=ctx.buffers(),

@@ -47,7 +47,7 @@ class RuleView(Protocol):
     def input_axis(self) -> int | None: ...
 
     @property
-    def parts(self) -> int | None: ...
+    def parts(self) -> int | list[str] | None: ...  # a count of equal parts, or each part's widened role
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,11 @@ class FuseContext:
     """Everything an op needs besides its sources and rule.
 
     ``weights``: w_m, summing to 1. ``scales``: per-source factors of an output projection
-    (w_m times the source's output scale). ``noise``: off-diagonal noise, None for zeros.
+    (w_m times the source's output scale), or of an op that ``takes_scales`` (one per source, else None). ``noise``: off-diagonal noise, None for zeros.
     ``ring``: buffers the row blocks may live in (a fresh small ring when None); ``pool``: a
     thread on which noise of later block rows may be drawn ahead. ``chunk_bytes``: row-block
-    size (default ``CHUNK_BYTES``).
+    size (default ``CHUNK_BYTES``). ``part_sizes``: for a rule whose ``parts`` name roles, the size
+    of each part in each source (``part_sizes[m][p]``), from the sources' configs.
     """
 
     dtype: torch.dtype
@@ -68,6 +69,7 @@ class FuseContext:
     ring: BufferRing | None = None
     pool: Executor | None = None
     chunk_bytes: int | None = None
+    part_sizes: Sequence[Sequence[int]] | None = None
 
     def buffers(self) -> BufferRing:
         return self.ring or BufferRing()
@@ -88,6 +90,9 @@ class FusionOp(ABC):
     scales_gradients: ClassVar[bool] = True
     #: the op averages the sources' outputs: ``FuseContext.scales`` holds w_m x output scale m
     averages_outputs: ClassVar[bool] = False
+    #: each source's block may be scaled by its own factor (``FuseContext.scales``): a rule's
+    #: ``runtime_scale`` (a tensor the runtime multiplies by a width-dependent factor)
+    takes_scales: ClassVar[bool] = False
     #: tensors of any dtype are accepted (copied, never computed); else floating point only
     any_dtype: ClassVar[bool] = False
 

@@ -1,6 +1,8 @@
 """``split_fuse_concat``: a fused projection holding several parts (GPT-2's ``c_attn`` q|k|v).
 
-The 'qkv' axis of every source is split into ``parts`` equal pieces; piece p of all sources is
+The 'qkv' axis of every source is split into ``parts`` pieces (equal, or of the sizes the roles
+named by ``parts`` have in that source: Phi-3's ``qkv_proj`` under grouped-query attention is
+[heads, kv, kv], q wider than k and v); piece p of all sources is
 fused on its own (block-diagonal over two widened axes, or concatenated over one), and the fused
 pieces are concatenated back along the 'qkv' axis (GPT-2 Conv1D [d, 3d], n = 2)::
 
@@ -41,11 +43,15 @@ class SplitFuseConcat(FusionOp):
 
     def shape(self, shapes: Sequence[Sequence[int]], rule: RuleView) -> Shape:
         out = fused_shape(shapes, rule.widened_axes)
-        _check_parts(shapes, rule.axes.index("qkv"), _parts(rule))
+        if not isinstance(rule.parts, list):  # sized parts are checked against the sources' configs by the plan
+            _check_parts(shapes, rule.axes.index("qkv"), _parts(rule))
         return out
 
     def rows(self, tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext) -> Iterator[Tensor]:
-        split_axis, parts = rule.axes.index("qkv"), _parts(rule)
+        split_axis = rule.axes.index("qkv")
+        if isinstance(rule.parts, list):
+            return _sized_rows(tensors, rule, ctx, split_axis)
+        parts = _parts(rule)
         _check_parts([t.shape for t in tensors], split_axis, parts)
         pieces = [torch.chunk(t, parts, dim=split_axis) for t in tensors]
         # the rule read by the inner op: its widened axes are the 'qkv' axis, and the input axis if any
@@ -53,7 +59,8 @@ class SplitFuseConcat(FusionOp):
 
         def fused_part(k: int, ring: BufferRing) -> Iterator[Tensor]:
             noise = None if ctx.noise is None else ctx.noise.part(k)
-            return inner.rows([p[k] for p in pieces], rule, replace(ctx, ring=ring, noise=noise))
+            # parts are not scaled (this op does not take per-source factors)
+            return inner.rows([p[k] for p in pieces], rule, replace(ctx, ring=ring, noise=noise, scales=None))
 
         return _concat_parts(fused_part, split_axis, parts, ctx)
 
@@ -64,7 +71,35 @@ _BLOCK_DIAGONAL, _CONCAT = BlockDiagonal(), Concat()
 def _parts(rule: RuleView) -> int:
     if rule.parts is None:
         raise ValueError("split_fuse_concat needs 'parts'")
-    return rule.parts
+    return rule.parts if isinstance(rule.parts, int) else len(rule.parts)
+
+
+def check_part_sizes(shapes: Sequence[Sequence[int]], axis: int, sizes: Sequence[Sequence[int]]) -> None:
+    """Each source's part sizes (``sizes[m][p]``) tile its 'qkv' axis."""
+    if len(sizes) != len(shapes):
+        raise ValueError(f"part sizes for {len(sizes)} sources, {len(shapes)} given")
+    for m, (s, parts) in enumerate(zip(shapes, sizes, strict=True)):
+        if any(p < 0 for p in parts) or sum(parts) != s[axis]:
+            raise FusionMismatch(f"axis {axis} ({s[axis]}) is not its parts {' + '.join(map(str, parts))}", source=m)
+
+
+def _sized_rows(tensors: Sequence[Tensor], rule: RuleView, ctx: FuseContext, split_axis: int) -> Iterator[Tensor]:
+    """Parts of the sizes ``ctx.part_sizes`` gives per source, each fused, concatenated back."""
+    sizes = ctx.part_sizes
+    if sizes is None:
+        raise ValueError("split_fuse_concat with parts named by role needs each source's part sizes")
+    check_part_sizes([t.shape for t in tensors], split_axis, sizes)
+    parts = len(sizes[0])
+    pieces = [torch.split(t, list(s), dim=split_axis) for t, s in zip(tensors, sizes, strict=True)]
+    inner = _BLOCK_DIAGONAL if len(rule.widened_axes) == 2 else _CONCAT
+
+    def fused_part(k: int, ring: BufferRing) -> Iterator[Tensor]:
+        noise = None if ctx.noise is None else ctx.noise.part(k)
+        return inner.rows([p[k] for p in pieces], rule, replace(ctx, ring=ring, noise=noise))
+
+    if split_axis == 0:
+        return _concat_parts(fused_part, split_axis, parts, ctx)
+    return _concat_unequal_columns(fused_part, split_axis, parts, ctx)
 
 
 def _check_parts(shapes: Sequence[Sequence[int]], axis: int, parts: int) -> None:
@@ -88,4 +123,31 @@ def _concat_parts(fused_part: Callable[[int, BufferRing], Iterator[Tensor]], spl
         out_shape[split_axis] = sum(b.shape[split_axis] for b in blocks)
         out, _ = ring.get(out_shape, ctx.dtype)
         torch.cat(blocks, dim=split_axis, out=out)
+        yield out
+
+
+def _concat_unequal_columns(fused_part: Callable[[int, BufferRing], Iterator[Tensor]], split_axis: int, parts: int,
+                            ctx: FuseContext) -> Iterator[Tensor]:
+    """The fused parts side by side along ``split_axis`` (not axis 0) when their row blocks may be cut
+    at different rows (parts of different widths): each output block takes the rows every part still
+    has in its current block. A part's block is done with before its next one is asked for."""
+    ring = ctx.buffers()
+    gens = [fused_part(k, BufferRing(2)) for k in range(parts)]
+    current: list[Tensor | None] = [None] * parts
+    used = [0] * parts
+    while True:
+        for k in range(parts):
+            if current[k] is None or used[k] == current[k].shape[0]:
+                current[k], used[k] = next(gens[k], None), 0
+        if any(c is None for c in current):
+            if not all(c is None for c in current):
+                raise RuntimeError("the fused parts have different row counts")
+            return
+        rows = min(c.shape[0] - u for c, u in zip(current, used, strict=True))
+        blocks = [c.narrow(0, u, rows) for c, u in zip(current, used, strict=True)]
+        out_shape = list(blocks[0].shape)
+        out_shape[split_axis] = sum(b.shape[split_axis] for b in blocks)
+        out, _ = ring.get(out_shape, ctx.dtype)
+        torch.cat(blocks, dim=split_axis, out=out)
+        used = [u + rows for u in used]
         yield out

@@ -17,7 +17,8 @@ A rules file (JSON) describes one architecture family::
     }
 
 ``pattern`` is a regular expression matched against the *whole* tensor name; ``{layer}``
-stands for a layer number. ``axes`` names the role of every axis of the tensor: a widened
+stands for a layer number, ``{expert}`` for a mixture-of-experts expert's number (such a rule's
+tensors are renumbered: the fused model has every source's experts, in source order). ``axes`` names the role of every axis of the tensor: a widened
 role (each source owns a slice of that axis) or a shared one (equal in every source).
 """
 
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
+                      model_validator)
 
 from .. import ops as fusion_ops
 from ..naming import DESCRIPTIONS
@@ -40,6 +42,8 @@ WIDENED_ROLES = {
     "mlp": "the MLP's intermediate units",
     "head_count": "one entry per attention head (e.g. T5 relative attention bias)",
     "qkv": "a fused projection axis holding several parts (split with 'parts')",
+    "proj": "the embedding's own width where it differs from the hidden size (OPT's word_embed_proj_dim)",
+    "experts": "mixture-of-experts experts, one entry each (a router's output axis)",
 }
 #: Axis roles that must be equal in every source.
 SHARED_ROLES = {
@@ -49,6 +53,7 @@ SHARED_ROLES = {
     "features": "input features shared by all sources",
     "classes": "output classes / logits shared by all sources",
     "shared": "any other axis that must match across sources",
+    "expert_mlp": "an expert's intermediate units (equal in every source: the fused model has more experts, not wider ones)",
 }
 AXIS_ROLES = {**WIDENED_ROLES, **SHARED_ROLES}
 
@@ -57,6 +62,10 @@ OPS = {name: op.description for name, op in fusion_ops.OPS.items()}
 
 LAYER_TOKEN = "{layer}"
 LAYER_REGEX = r"(?P<layer>\d+)"
+#: In a pattern, an expert's number: the fused model's experts are every source's, in source order
+#: (source m's expert j becomes expert E_1 + ... + E_{m-1} + j)
+EXPERT_TOKEN = "{expert}"
+EXPERT_REGEX = r"(?P<expert>\d+)"
 #: Tensor namings: the ecosystem whose names (and layouts) a checkpoint's files use.
 NAMINGS = {n.value: text for n, text in DESCRIPTIONS.items()}
 #: Legacy ``output.scale`` values, as expressions.
@@ -87,6 +96,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _AddedFields(_Strict):
+    """A model some of whose fields were added after presets were first recorded: those fields
+    (``ADDED``) are dumped only when set, so a preset that does not use them keeps its JSON, digest
+    and recorded manifest bytes."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_added(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self.ADDED:
+            if name in data and getattr(self, name) == type(self).model_fields[name].get_default(
+                    call_default_factory=True):
+                del data[name]
+        return data
+
+
 class NamingName(_Strict):
     """A tensor's name in another naming: a plain name with ``{layer}``; None: not stored there
     (a copy of another tensor, dropped on conversion)."""
@@ -100,9 +126,16 @@ class Rule(_Strict):
     op: str = Field(description="the fusion op (`deepfuse rules show` lists them)")
     axes: list[str] = Field(description="role of every axis of the tensor")
     input_axis: int | None = Field(default=None, description="block_diagonal: which axis is the input space")
-    parts: int | None = Field(default=None, ge=2, description="split_fuse_concat: number of parts on the 'qkv' axis")
+    parts: int | list[str] | None = Field(
+        default=None, description="split_fuse_concat: the parts of the 'qkv' axis: their number (equal parts), or "
+        "the widened role of each part in order (e.g. [\"heads\", \"kv\", \"kv\"]), whose size in each source is "
+        "the family's width expression for that role")
     optional: bool = Field(default=False, description="the rule may claim nothing in a model (e.g. optional biases)")
     norm: bool = Field(default=False, description="a normalisation scale/bias (grouped in --norm prop)")
+    runtime_scale: str | None = Field(
+        default=None, description="the runtime multiplies this tensor by this expression over its config, e.g. "
+        "Gemma's embedding by 'hidden_size ** 0.5'; source m's block is stored times runtime_scale(source m) / "
+        "runtime_scale(fused config), so that the runtime's product is each source's own")
     names: dict[str, NamingName] = Field(
         default_factory=dict, description="this tensor's name in other namings (e.g. 't5x'), for conversion")
     note: str | None = None
@@ -114,11 +147,16 @@ class Rule(_Strict):
             _known_naming(naming)
         return v
 
+    @field_validator("runtime_scale")
+    @classmethod
+    def _scale_expression(cls, v: str | None) -> str | None:
+        return None if v is None else _valid_expression(v)
+
     @field_validator("pattern")
     @classmethod
     def _valid_regex(cls, v: str) -> str:
         try:
-            re.compile(v.replace(LAYER_TOKEN, LAYER_REGEX))
+            re.compile(v.replace(LAYER_TOKEN, LAYER_REGEX).replace(EXPERT_TOKEN, EXPERT_REGEX))
         except re.error as exc:
             raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
         return v
@@ -129,6 +167,20 @@ class Rule(_Strict):
         for role in v:
             if role not in AXIS_ROLES:
                 raise ValueError(f"unknown axis role {role!r}; known roles: {', '.join(AXIS_ROLES)}")
+        return v
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, v: int | list[str] | None) -> int | list[str] | None:
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"parts {v}: a fused projection has at least 2 parts")
+        if isinstance(v, list):
+            if len(v) < 2:
+                raise ValueError(f"parts {v}: a fused projection has at least 2 parts")
+            for role in v:
+                if role not in WIDENED_ROLES or role == "qkv":
+                    raise ValueError(f"parts: {role!r} is not a widened axis role of one part "
+                                     f"({', '.join(r for r in WIDENED_ROLES if r != 'qkv')})")
         return v
 
     @field_validator("op")
@@ -150,6 +202,8 @@ class Rule(_Strict):
             raise ValueError(f"input_axis is only meaningful for {takers}, not {op.name}")
         if not op.takes_parts and self.parts is not None:
             raise ValueError(f"parts is only meaningful for {_ops_that(lambda o: o.takes_parts)}")
+        if not op.takes_scales and self.runtime_scale is not None:
+            raise ValueError(f"runtime_scale is only meaningful for {_ops_that(lambda o: o.takes_scales)}, not {op.name}")
         return self
 
     @property
@@ -172,15 +226,30 @@ class Rule(_Strict):
 
     @property
     def regex(self) -> re.Pattern[str]:
-        return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX))
+        return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX).replace(EXPERT_TOKEN, EXPERT_REGEX))
+
+    @property
+    def per_expert(self) -> bool:
+        """The rule claims one tensor per mixture-of-experts expert (``{expert}`` in its pattern):
+        each fused expert comes from one source's expert, renumbered after the previous sources'."""
+        return EXPERT_TOKEN in self.pattern
 
 
 def _ops_that(has: Callable[[fusion_ops.FusionOp], bool]) -> str:
     return " / ".join(name for name, op in fusion_ops.OPS.items() if has(op))
 
 
-class OutputSpec(_Strict):
+class TiedTensor(_Strict):
+    """A tensor a tied source may leave out of its files, and the tensor it is then read from."""
+
+    name: str = Field(description="tensor name in the (untied) fused model, e.g. cls.predictions.decoder.bias")
+    tied_to: str = Field(description="the tensor it is tied to in the source, e.g. cls.predictions.bias")
+
+
+class OutputSpec(_AddedFields):
     """The projection to logits, and the embedding it may be tied to."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ("when_present", "also_tied")
 
     name: str = Field(description="tensor name of the output projection, e.g. lm_head.weight")
     tied_to: str | None = Field(default=None, description="embedding it is tied to when absent from the files")
@@ -190,7 +259,12 @@ class OutputSpec(_Strict):
     transpose: bool = Field(
         default=False, description="the projection is stored [hidden, vocab] while the embedding is [vocab, hidden] (T5X)"
     )
-
+    when_present: str | None = Field(
+        default=None, description="a tensor only checkpoints with this output head hold (BERT: cls.predictions.bias): "
+        "a source without it has no such head and nothing is untied (bare encoders, classification heads)")
+    also_tied: list[TiedTensor] = Field(
+        default_factory=list, description="further tensors of the head a tied source leaves out of its files (BERT's "
+        "decoder bias, tied to cls.predictions.bias): read from the tensor they are tied to, written in the fused model")
 
     @field_validator("scale")
     @classmethod
@@ -212,12 +286,26 @@ class ConfigSpec(_Strict):
         default_factory=dict, description="widened axis role -> its size in one source, as an expression over the "
         "config (e.g. kv: 'num_key_value_heads * head_dim'); checked against every tensor before planning")
     sizes: list[str] = Field(default_factory=list, description="integer size fields (validated as non-negative)")
+    require: dict[str, str] = Field(
+        default_factory=dict, description="conditions the fused config must meet for the runtime to load it, as "
+        "expressions over it -> what the runtime demands (e.g. 'hidden_size % num_attention_heads == 0'); a fusion "
+        "whose config fails one is refused before anything is written")
+    refuse: dict[str, str] = Field(
+        default_factory=dict, description="expression over a source's config (with the derived values) -> the reason "
+        "no exact fused model exists when it is true (e.g. alibi: slopes depend on the number of heads)")
     width: str | None = Field(default=None, description="legacy: the model-width field (same as widths.hidden)")
 
     @field_validator("derived", "widths")
     @classmethod
     def _expressions(cls, v: dict[str, str]) -> dict[str, str]:
         for text in v.values():
+            _valid_expression(text)
+        return v
+
+    @field_validator("require", "refuse")
+    @classmethod
+    def _conditions(cls, v: dict[str, str]) -> dict[str, str]:
+        for text in v:
             _valid_expression(text)
         return v
 
@@ -236,13 +324,46 @@ class ConfigSpec(_Strict):
         return out
 
 
-class RuntimeSpec(_Strict):
+class RuntimeSpec(_AddedFields):
     """Where the family runs for function-level verification."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ("heads", "max_length")
 
     model_class: str = Field(description="transformers class (e.g. AutoModelForCausalLM, T5ForConditionalGeneration), "
                              "or 'builtin' for a forward pass in the family module")
-    inputs: Literal["causal", "seq2seq", "features"] = Field(
-        default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, or feature vectors")
+    inputs: Literal["causal", "seq2seq", "features", "encoder"] = Field(
+        default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, feature vectors, or token "
+        "ids with an attention mask and token type ids (encoder: BERT-like)")
+    heads: list[str] = Field(
+        default_factory=list, description="transformers classes of the family's heads the function check runs (e.g. "
+        "BertForMaskedLM, BertForSequenceClassification): a checkpoint whose config.json 'architectures' names one "
+        "runs in it, one that names another class is checked at tensor level only; none named: model_class")
+
+    max_length: str | None = Field(
+        default=None, description="the longest probe the model takes, an expression over the config (RoBERTa: "
+        "'max_position_embeddings - pad_token_id - 1', its positions start after the padding id); default: "
+        "n_positions or max_position_embeddings")
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: str | None) -> str | None:
+        return v if v is None else _valid_expression(v)
+
+    def _architecture(self, config: dict | None) -> str | None:
+        names = (config or {}).get("architectures")
+        first = names[0] if isinstance(names, list) and names else None
+        return first if isinstance(first, str) else None
+
+    def class_for(self, config: dict | None) -> str:
+        """The transformers class a checkpoint with this config runs in: the head its config.json
+        ``architectures`` names when the family lists it, else ``model_class``."""
+        head = self._architecture(config)
+        return head if head is not None and head in self.heads else self.model_class
+
+    def unsupported_head(self, config: dict | None) -> str | None:
+        """The class config.json names when the family lists its heads and this is not one of them."""
+        head = self._architecture(config)
+        return head if self.heads and head is not None and head not in self.heads else None
 
 
 class NormSpec(_Strict):
@@ -255,6 +376,37 @@ class NormSpec(_Strict):
     offset: float = Field(default=0.0, description="the scale is (offset + weight), e.g. 1.0 for Gemma")
 
 
+class DeviationSpec(_Strict):
+    """Where the family's runtime cannot compute the average of different sources whatever the weights
+    (e.g. a cap applied to the averaged logits): ``verify`` reports the deviation as expected."""
+
+    when: str = Field(description="expression over a source's config: the deviation applies when it is true in any "
+                      "source (e.g. 'final_logit_softcapping')")
+    reason: str = Field(description="what the runtime computes instead, one line")
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: str) -> str:
+        return _valid_expression(v)
+
+
+class MoeSpec(_Strict):
+    """A mixture-of-experts family: how many experts each source routes to, and its router module, so
+    that the fused config records the experts per source and :func:`grouped_norm.apply_grouped_norms`
+    can swap the router for one that routes each source among its own experts (exact for any sources)."""
+
+    router: str = Field(description="router module class name, e.g. MixtralTopKRouter")
+    experts: str = Field(description="number of experts of one source, an expression (e.g. num_local_experts)")
+    top_k: str = Field(description="experts each token is routed to in one source, an expression")
+    renormalise: str = Field(description="whether the top-k routing weights are renormalised to sum to 1, an "
+                             "expression (e.g. 'True', or 'norm_topk_prob')")
+
+    @field_validator("experts", "top_k", "renormalise")
+    @classmethod
+    def _expressions(cls, v: str) -> str:
+        return _valid_expression(v)
+
+
 class Preset(_Strict):
     name: str
     description: str = ""
@@ -265,6 +417,9 @@ class Preset(_Strict):
     naming: str = Field(default="hf", description="the naming the patterns are written in")
     runtime: RuntimeSpec | None = None
     norms: list[NormSpec] = Field(default_factory=list)
+    deviations: list[DeviationSpec] = Field(
+        default_factory=list, description="where the runtime is not the average of different sources (verify: expected)")
+    moe: MoeSpec | None = None
     output: OutputSpec | None = None
     config: ConfigSpec | None = None
     rules: list[Rule]
@@ -273,6 +428,14 @@ class Preset(_Strict):
     @classmethod
     def _naming(cls, v: str) -> str:
         return _known_naming(v)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_moe(self, handler):
+        """A family without experts dumps (and digests) as it did before ``moe`` existed."""
+        data = handler(self)
+        if self.moe is None and isinstance(data, dict):
+            data.pop("moe", None)
+        return data
 
     @property
     def namings(self) -> list[str]:
@@ -316,8 +479,20 @@ class Preset(_Strict):
                 "name": out_col.name,
                 "tied_to": emb_col.name if emb_col is not None else None,
                 "transpose": output.transpose ^ out_col.transpose ^ (emb_col.transpose if emb_col else False),
+                "when_present": self._name_in(naming, output.when_present) if output.when_present else None,
+                "also_tied": [TiedTensor(name=self._name_in(naming, t.name), tied_to=self._name_in(naming, t.tied_to))
+                              for t in output.also_tied],
             })
         return self.model_copy(update={"naming": naming, "rules": rules, "output": output})
+
+    def _name_in(self, naming: str, name: str) -> str:
+        """A tensor's name in another naming (refused when it has none there)."""
+        rule = self._rule_named(name)
+        col = rule.names.get(naming) if rule is not None else None
+        if col is None or col.name is None or col.transpose:
+            raise ValueError(f"preset {self.name!r}: the output head's tensor {name!r} has no {naming!r} name "
+                             "of the same layout")
+        return col.name
 
     def _rule_named(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.regex.fullmatch(name)), None)

@@ -21,9 +21,12 @@ layout, i.e. the sources' naming and axis order) and what every block must equal
   a0, (b, a) when it is a1). So that n equal input copies give each output block exactly ``x W``,
   the diagonal is ``W_b - sum_{a != b} N[a -> b]`` (subtracted one block at a time, in source order).
 
-``concat``: slice m of the widened axis is source m. ``split_fuse_concat``: the 'qkv' axis holds
-``parts`` equal parts (GPT-2's q|k|v); part p of the fused tensor is the block-diagonal (noise keys
-(p, i, j)) or the concatenation of part p of every source. ``output_average``: slice m of the
+``concat``: slice m of the widened axis is source m (times r_m / r_fused for a rule whose tensor the
+runtime multiplies by r(config)). ``split_fuse_concat``: the 'qkv' axis holds
+``parts`` equal parts (GPT-2's q|k|v), or parts of the sizes the plan read from each source's config
+for the roles ``parts`` names (Phi-3's [heads, kv, kv]); part p of the fused tensor starts where the
+fused parts before it end, and is the block-diagonal (noise keys (p, i, j)) or the concatenation of
+part p of every source. ``output_average``: slice m of the
 hidden axis is ``w_m x output_scale_m x source m`` (the average of logits). ``bias_average``:
 ``sum_m w_m b_m``. ``passthrough_identical``: source 1.
 
@@ -99,8 +102,9 @@ class Layout:
     rule: Rule
     source_shapes: Sequence[tuple[int, ...]]
     weights: Sequence[float]  # w_m (bias_average)
-    scales: Sequence[float] | None = None  # output_average: w_m x output scale_m
+    scales: Sequence[float] | None = None  # output_average: w_m x output scale_m; concat: runtime scale ratios
     noise: Noise | None = None  # None: zero off-diagonal blocks
+    part_sizes: Sequence[Sequence[int]] | None = None  # split_fuse_concat with roles: part p's size in source m
 
     @property
     def n(self) -> int:
@@ -152,12 +156,15 @@ def _whole(lay: Layout) -> list[Piece]:
 def _part_name(rule: Rule, part: int | None) -> str:
     if part is None:
         return ""
+    if isinstance(rule.parts, list):
+        return f" of part {part + 1} ({rule.parts[part]})"
     return f" of part {'qkv'[part] if rule.parts == 3 else part}"
 
 
-def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: int | None) -> list[Block]:
+def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: int | None,
+                coef: float = 1.0) -> list[Block]:
     """The n x n blocks of the block-diagonal of ``pieces`` over the two widened axes, the fused
-    pieces starting at ``base`` (axis -> offset in the fused tensor)."""
+    pieces starting at ``base`` (axis -> offset in the fused tensor), the sources times ``coef``."""
     a0, a1 = lay.rule.widened_axes
     n = len(pieces)
     starts = {ax: _starts([p[ax][1] for p in pieces], base.get(ax, 0)) for ax in (a0, a1)}
@@ -178,7 +185,7 @@ def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: in
                 blocks.append(Block("off-diagonal", f"off-diagonal block ({i + 1}, {j + 1}){_part_name(lay.rule, part)}",
                                     where, shape, terms))
                 continue
-            diag = [Term(1.0, source=i, region=_region(lay.ndim, pieces[i]))]
+            diag = [Term(coef, source=i, region=_region(lay.ndim, pieces[i]))]
             if lay.noise is not None and lay.noise.preserving:
                 # output block b = i receives N(a, b) from every other input block a
                 for a in range(n):
@@ -191,9 +198,10 @@ def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: in
 
 
 def _slices(lay: Layout, pieces: list[Piece], axis: int, base: int, part: int | None,
-            scales: Sequence[float] | None = None) -> list[Block]:
+            scales: Sequence[float] | None = None, output: bool = True) -> list[Block]:
     """Piece m of every source, one after the other along ``axis`` from ``base`` (times ``scales[m]``
-    when given: the blocks of an output projection)."""
+    when given: the blocks of an output projection, or with ``output`` False of a tensor the runtime
+    multiplies by a width-dependent factor)."""
     starts = _starts([p[axis][1] for p in pieces], base)
     blocks = []
     for m, piece in enumerate(pieces):
@@ -201,9 +209,10 @@ def _slices(lay: Layout, pieces: list[Piece], axis: int, base: int, part: int | 
         where = _region(lay.ndim, {axis: (starts[m], shape[axis])})
         coef = 1.0 if scales is None else float(scales[m])
         term = Term(coef, source=m, region=_region(lay.ndim, piece))
-        if scales is None:
-            blocks.append(Block("slice", f"slice of source {m + 1}{_part_name(lay.rule, part)}", where, shape, (term,),
-                                source=m))
+        if scales is None or not output:
+            times = "" if scales is None else f" times {coef:.6g}"
+            blocks.append(Block("slice", f"slice of source {m + 1}{_part_name(lay.rule, part)}{times}", where, shape,
+                                (term,), source=m))
         else:
             blocks.append(Block("output", f"output block of source {m + 1}", where, shape, (term,), source=m,
                                 scale=coef))
@@ -218,28 +227,44 @@ def block_diagonal(lay: Layout) -> list[Block]:
 
 
 def concat(lay: Layout) -> list[Block]:
-    """Source m's slice along the one widened axis."""
+    """Source m's slice along the one widened axis; with per-source factors (the plan gives them for a
+    rule with a ``runtime_scale`` r: the runtime multiplies the tensor by r(config), Gemma's embedding
+    by sqrt(hidden_size)), source m's slice times r(source m) / r(fused), so that r(fused) x slice m
+    = r(source m) x source m."""
     axis = lay.rule.widened_axes[0]
-    return _slices(lay, _whole(lay), axis, 0, None)
+    if lay.scales is None:
+        return _slices(lay, _whole(lay), axis, 0, None)
+    if len(lay.scales) != lay.n:
+        raise CannotDecompose(f"a scaled concat needs one factor per source, the plan has {lay.scales}")
+    return _slices(lay, _whole(lay), axis, 0, None, scales=lay.scales, output=False)
 
 
 def split_fuse_concat(lay: Layout) -> list[Block]:
-    """The 'qkv' axis in ``parts`` equal parts; part p: block-diagonal of the sources' part p (two
-    widened axes; noise keys (p, i, j)) or their concatenation (the 'qkv' axis alone)."""
+    """The 'qkv' axis in parts (``parts`` equal ones, or the sizes ``lay.part_sizes`` gives each source);
+    part p: block-diagonal of the sources' part p (two widened axes; noise keys (p, i, j)) or their
+    concatenation (the 'qkv' axis alone), placed after the fused parts before it."""
     rule = lay.rule
     axis = rule.axes.index("qkv")
-    parts = rule.parts or 1
-    fused_part = lay.shape[axis] // parts
+    if isinstance(rule.parts, list):
+        sizes = lay.part_sizes
+        if sizes is None or len(sizes) != lay.n or any(len(s) != len(rule.parts) for s in sizes):
+            raise CannotDecompose(f"split_fuse_concat with parts {rule.parts} needs each source's part sizes, "
+                                  f"the plan has {sizes}")
+        sizes = [list(s) for s in sizes]
+    else:
+        parts = rule.parts or 1
+        sizes = [[shape[axis] // parts] * parts for shape in lay.source_shapes]
     blocks = []
-    for p in range(parts):
+    fused_start = 0
+    for p in range(len(sizes[0])):
         pieces = []
-        for shape, whole in zip(lay.source_shapes, _whole(lay), strict=True):
-            size = shape[axis] // parts
-            pieces.append({**whole, axis: (p * size, size)})
+        for m, whole in enumerate(_whole(lay)):
+            pieces.append({**whole, axis: (sum(sizes[m][:p]), sizes[m][p])})
         if len(rule.widened_axes) == 2:
-            blocks += _block_grid(lay, pieces, {axis: p * fused_part}, p)
+            blocks += _block_grid(lay, pieces, {axis: fused_start}, p)
         else:
-            blocks += _slices(lay, pieces, axis, p * fused_part, p)
+            blocks += _slices(lay, pieces, axis, fused_start, p)
+        fused_start += sum(s[p] for s in sizes)
     return blocks
 
 
@@ -264,6 +289,34 @@ def passthrough_identical(lay: Layout) -> list[Block]:
     return [Block("whole", "source 1's tensor", every, lay.shape, (Term(1.0, source=0, region=every),), source=0)]
 
 
+def expert_in(lay: Layout) -> list[Block]:
+    """A fused expert's input kernel: slice m of the hidden axis is source m's (the plan gives the
+    expert's own source its expert, every other source zeros)."""
+    return _slices(lay, _whole(lay), lay.rule.widened_axes[0], 0, None)
+
+
+def expert_out(lay: Layout) -> list[Block]:
+    """A fused expert's output kernel: slice m of the hidden axis is n x source m's. The fused router
+    routes to n times as many experts, each with 1/n of its source's routing weight (softmax over n
+    equal copies; renormalised top-k), so n x the weight restores each source's MLP output."""
+    axis = lay.rule.widened_axes[0]
+    starts = _starts([s[axis] for s in lay.source_shapes], 0)
+    blocks = []
+    for m, piece in enumerate(_whole(lay)):
+        shape = _shape(lay, {axis: piece[axis][1]})
+        where = _region(lay.ndim, {axis: (starts[m], shape[axis])})
+        term = Term(float(lay.n), source=m, region=_region(lay.ndim, piece))
+        blocks.append(Block("slice", f"slice of source {m + 1} (times n = {lay.n})", where, shape, (term,), source=m))
+    return blocks
+
+
+def expert_stack_out(lay: Layout) -> list[Block]:
+    """Stacked experts' output kernels [E, d, I]: block-diagonal over the experts and hidden axes of n x
+    each source (as ``expert_out``: each expert's routing weight in the fused model is 1/n of its
+    source's); preserving noise is compensated along the experts axis (the rule's input_axis)."""
+    return _block_grid(lay, _whole(lay), {}, None, coef=float(lay.n))
+
+
 #: rule op -> the blocks of its fused tensor
 DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "block_diagonal": block_diagonal,
@@ -272,6 +325,9 @@ DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "output_average": output_average,
     "bias_average": bias_average,
     "passthrough_identical": passthrough_identical,
+    "expert_in": expert_in,
+    "expert_out": expert_out,
+    "expert_stack_out": expert_stack_out,
 }
 
 

@@ -25,6 +25,7 @@ from ..architectures import Family
 from ..errors import DeepfuseError, InputError
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
+from ..rules.expr import evaluate
 from ..rules.schema import RuntimeSpec
 from .report import Check, Report
 
@@ -114,23 +115,29 @@ def tokenize_text(path: Path, directories: list[Path], vocab: int | None) -> Tex
     return TextTokens(ids=tuple(ids), file=path.name, tokenizer=where, truncated=truncated)
 
 
-def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int,
-                  tokens: TextTokens | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _probe_inputs(config: dict, probes: int, seq_len: int, seed: int, tokens: TextTokens | None = None,
+                  max_length: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The probe inputs (seeded random ids, or consecutive runs of the text's tokens), and how they were made."""
     g = torch.Generator().manual_seed(seed)
     vocab = config.get("vocab_size", 2)
-    limit = config.get("n_positions") or config.get("max_position_embeddings") or seq_len
+    limit = max_length or config.get("n_positions") or config.get("max_position_embeddings") or seq_len
     seq = max(2, min(seq_len, limit))
     low = min(2, vocab - 1)
     if tokens is None:
-        return ({"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
-                 "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
-                 "features": torch.randn(probes, config.get("in_features", 1), generator=g)},
-                {"kind": "random", "seed": seed})
+        inputs = {"input_ids": torch.randint(low, vocab, (probes, seq), generator=g),
+                  "decoder_input_ids": torch.randint(low, vocab, (probes, max(1, seq // 2)), generator=g),
+                  "features": torch.randn(probes, config.get("in_features", 1), generator=g)}
+        # encoder inputs: token types drawn from the model's, each probe right-padded after a random length
+        types = config.get("type_vocab_size") if isinstance(config.get("type_vocab_size"), int) else 1
+        inputs["token_type_ids"] = torch.randint(0, max(1, types), (probes, seq), generator=g)
+        lengths = torch.randint(max(1, seq // 2), seq + 1, (probes, 1), generator=g)
+        inputs["attention_mask"] = (torch.arange(seq) < lengths).long()
+        return inputs, {"kind": "random", "seed": seed}
     seq = min(seq, len(tokens.ids))  # a short text: one shorter probe
     count = min(probes, len(tokens.ids) // seq)
     ids = torch.tensor(tokens.ids[:count * seq], dtype=torch.long).view(count, seq)
-    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone()},
+    return ({"input_ids": ids, "decoder_input_ids": ids[:, :max(1, seq // 2)].clone(),
+             "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)},
             {"kind": "text", "file": tokens.file, "tokens": len(tokens.ids), "tokens_used": count * seq,
              "truncated": tokens.truncated, "tokenizer": str(tokens.tokenizer)})
 
@@ -188,6 +195,10 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
                         output_hidden_states=True)
             hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
+        elif runtime.inputs == "encoder":
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        token_type_ids=inputs["token_type_ids"], output_hidden_states=True)
+            hidden = list(out.hidden_states)
         else:
             out = model(input_ids=inputs["input_ids"], output_hidden_states=True)
             hidden = list(out.hidden_states)
@@ -260,6 +271,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
                       "tensor level only")]
     if not config:
         return [Check("function", "skip", f"{plan.preset.name} sources without config.json; tensor level only")]
+    if runtime.unsupported_head(config) is not None:
+        return [Check("function", "skip", f"config.json names {runtime.unsupported_head(config)}; the function check "
+                      f"runs {', '.join(runtime.heads)}; tensor level only")]
     if not builtin:
         try:
             import transformers  # noqa: F401
@@ -267,15 +281,19 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
             return [Check("function", "skip", "transformers is not installed: pip install 'deepfuse[verify]'")]
     dtype = plan.entries[0].dtype if plan.entries else torch.float32
     tol = tol if tol is not None else default_tol(dtype)
-    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens)
+    max_length = evaluate(runtime.max_length, family.view(config)) if runtime.max_length else None
+    max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0 else None
+    inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens, max_length)
     report.meta.update({"probes": int(inputs["input_ids"].shape[0]), "seq_len": int(inputs["input_ids"].shape[1]),
                         "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol})
-    runner = "the built-in forward" if builtin else f"transformers {runtime.model_class}"
+    runner = "the built-in forward" if builtin else f"transformers {runtime.class_for(config)}"
 
     def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
         if builtin:
             return _builtin_forward(family, path, cfg, inputs)
-        return _hf_forward(path, runtime, inputs, groups)
+        head = runtime.class_for(cfg)  # the family's head this checkpoint's config.json names
+        return _hf_forward(path, runtime if head == runtime.model_class else
+                           runtime.model_copy(update={"model_class": head}), inputs, groups)
 
     viewed: list[Path] = []
 
@@ -312,6 +330,7 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
     same = plan.options.self_fusion or len(unique) == 1
     noise_exact = not opts.noisy or (opts.noise_mode == "preserving" and same)
     norms_exact = opts.norm == "prop" or same
+    family_exact = same or not plan.deviations  # the family's own runtime (e.g. Gemma 2's final logit softcap)
     checks: list[Check] = []
 
     groups = plan.norm_groups if opts.norm == "prop" else None
@@ -333,21 +352,25 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
         checks.append(Check(label, "pass", f"max abs error {figs['max_abs_error']:.3g} "
                             f"({figs['relative_max_error']:.2g} of the logit scale), top-1 agreement "
                             f"{figs['top1_agreement']:.0%}, fusion property holds in every layer", figs))
-    elif noise_exact and norms_exact:
+    elif noise_exact and norms_exact and family_exact:
         where = f"; fusion property first breaks at hidden state {broken['layer']} (relative error {broken['relative']:.3g})" if broken else ""
         checks.append(Check(label, "fail", f"relative max error {figs['relative_max_error']:.3g} > tolerance {tol:g}{where}", figs))
     else:
         why = []
         if not norms_exact:
             why.append("norm mode 'rule' with different sources (norms over the concatenation)")
+            if plan.preset.moe is not None:  # routers are grouped with the norms (apply_grouped_norms)
+                why.append("the stock router (one top-k over every source's experts)")
         if not noise_exact:
             why.append(f"off-diagonal noise ({opts.describe_noise()})")
+        if not family_exact:
+            why.extend(plan.deviations)
         where = f"; first deviating hidden state: {broken['layer']}" if broken else ""
         checks.append(Check(label, "fail" if strict else "expected",
                             f"deviation expected from {' and '.join(why)}: relative max error "
                             f"{figs['relative_max_error']:.3g}, KL {figs['kl_divergence']:.3g}, top-1 agreement "
                             f"{figs['top1_agreement']:.0%}{where}" + (" (--strict demands exactness)" if strict else ""), figs))
-        if not norms_exact and noise_exact and not builtin:
+        if not norms_exact and noise_exact and family_exact and not builtin:
             # The deviation must come from the norms alone: with grouped norms the same weights are exact.
             got = run_fused(plan.norm_groups)
             if isinstance(got, Check):
@@ -358,8 +381,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
             g_broken = next((r for r in g_layers if r["relative"] > tol), None)
             g["first_broken_layer"] = g_broken["layer"] if g_broken else None
             good = g["relative_max_error"] <= tol and g_broken is None
+            alone = "norms and the routing" if plan.preset.moe is not None else "norms"
             checks.append(Check("function: same weights with grouped norms", "pass" if good else "fail",
-                                ("exact: the rule-mode deviation is due to the norms alone" if good else
+                                (f"exact: the rule-mode deviation is due to the {alone} alone" if good else
                                  f"not exact even with grouped norms: relative max error {g['relative_max_error']:.3g}"
                                  + (f", first broken hidden state {g_broken['layer']}" if g_broken else "")), g))
     return checks
