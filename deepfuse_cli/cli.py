@@ -253,8 +253,12 @@ def _plan_or_run(plan, output: Path | None, dry_run: bool, force: bool, quiet: b
 
 def _run(plan, output: Path, force: bool, quiet: bool, as_json: bool, verify: bool = False,
          ctx: typer.Context | None = None) -> None:
+    from .formats.objstore import is_url, parse_url
     from .fuse import write_plan
 
+    if verify and is_url(output):
+        raise UsageError(f"--verify writes its report into the output, which is on object storage ({parse_url(output)})",
+                         "run `deepfuse verify` on a local copy, or fuse into a local directory with --verify")
     if not quiet:
         for note in plan.notes:
             err.print(f"note: {note}", highlight=False)

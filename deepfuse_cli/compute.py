@@ -32,12 +32,11 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
     opts = plan.options
     n = plan.n
     if loaded is None:
-        if opts.self_fusion:
-            loaded = [plan.tensors[0][entry.name].load()] * n
-        else:
-            loaded = [plan.tensors[m][entry.name].load() for m in range(n)]
-        for m in range(1 if opts.self_fusion else n):
-            _check_finite(plan, entry.name, m, loaded[m])
+        refs = plan.source_refs(entry)
+        once = opts.self_fusion and entry.refs is None  # a self-fusion's n copies are one tensor
+        loaded = [refs[0].load()] * n if once else [r.load() for r in refs]
+        for m in range(1 if once else n):
+            _check_finite(plan, entry, m, loaded[m])
     noise = None
     if entry.noise:
         std = opts.noise_std if opts.noise_std > 0 else opts.noise_scale * ops.rms(loaded)
@@ -52,7 +51,7 @@ def compute_tensor(plan: Plan, entry: PlanEntry, loaded: list[torch.Tensor] | No
     return blocks if ring is not None else gather(blocks, entry.name, entry.shape, entry.dtype)
 
 
-def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
+def _check_finite(plan: Plan, entry: PlanEntry, m: int, tensor: torch.Tensor) -> None:
     """Refuse a source tensor holding NaN/Inf, or with ``allow_nonfinite`` record it in ``plan.nonfinite``."""
     if not tensor.is_floating_point():
         return
@@ -60,7 +59,8 @@ def _check_finite(plan: Plan, name: str, m: int, tensor: torch.Tensor) -> None:
     if ops.all_finite(t):  # one pass, no temporaries the size of the tensor
         return
     count = int(t.numel() - int(torch.isfinite(t).sum()))
-    where = plan.tensors[m][name].source or str(plan.sources[m].path)
+    name = entry.name
+    where = plan.source_refs(entry)[m].source or str(plan.sources[m].path)
     if not plan.options.allow_nonfinite:
         raise InputError(f"{where}: tensor {name!r} has {count} non-finite value(s) (NaN or Inf)",
                          "the source is corrupt or diverged; pass --allow-nonfinite to fuse it anyway")

@@ -33,6 +33,7 @@ from .formats.adapter import OutputInfo
 from .formats.base import OutputTensor, gather
 from .formats.files import fsync_path, sha256_file, write_file
 from .formats.hf import MANIFEST_NAME
+from .formats.objstore import parse_url
 from .ir import Checkpoint
 from .manifest import Manifest
 from .memory import TRIM_AFTER_BYTES, release_free_memory
@@ -128,7 +129,8 @@ def source_digests(sources: list[Checkpoint]) -> list[dict]:
             if f not in seen:
                 seen[f] = sha256_file(f) if f.is_file() else ""
             files[name] = seen[f]
-        record = {"path": str(resolve(ck.path)), "format": ck.format, "step": ck.metadata.get("step"), "files": files}
+        record = {"path": ck.metadata.get("source_url") or str(resolve(ck.path)), "format": ck.format,
+                  "step": ck.metadata.get("step"), "files": files}
         hub = ck.metadata.get("hub")
         if hub is not None:
             record["hub"] = {"repo_id": hub.repo_id, "revision": hub.revision, "commit": hub.commit}
@@ -337,8 +339,11 @@ def _write_head_norms(plan: Plan, tmp: Path) -> dict[str, str]:
 
 def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progress | None = None,
                command: str | None = None) -> FuseResult:
-    """Execute ``plan`` into ``output`` atomically. ``command``: the command line, as the model card
-    of a Hugging Face output shows it."""
+    """Execute ``plan`` into ``output`` atomically (an object-store URL: see ``_write_to_store``).
+    ``command``: the command line, as the model card of a Hugging Face output shows it."""
+    url = parse_url(output)
+    if url is not None:
+        return _write_to_store(plan, url, force=force, progress=progress, command=command)
     output = Path(output)
     check_output_path(output, plan.sources, force)
     check_free_space(plan, output)
@@ -413,6 +418,54 @@ def write_plan(plan: Plan, output: Path, *, force: bool = False, progress: Progr
             if tmp_lock is not None:
                 os.close(tmp_lock)
     return FuseResult(output=output, files=manifest.files, total_bytes=plan.total_bytes, manifest=manifest)
+
+
+def _write_to_store(plan: Plan, url, *, force: bool, progress: Progress | None, command: str | None) -> FuseResult:
+    """Write the output locally (the same bytes as a local run), then upload it to the object store,
+    committed the way orbax commits on GCS (its marker last). The prefix must hold no objects unless
+    ``force``; then it holds exactly the new output, its old objects removed only once the new output
+    is complete locally. When anything fails, what this run uploaded (early or not) is removed again.
+    Into an empty prefix, finished data files are uploaded while the rest is still being written."""
+    from .formats import objstore
+
+    if not url.prefix:
+        raise UsageError(f"output {url}: a whole bucket", f"name a prefix inside it, e.g. {url}/fused")
+    if not plan.output_adapter.stepped:
+        raise UsageError(f"output {url}: only T5X and Orbax checkpoints are written to object storage",
+                         "pass --to t5x or --to orbax, or write to a local directory")
+    for ck in plan.sources:
+        src = parse_url(ck.metadata.get("source_url"))
+        if src is not None and (url.contains(src) or src.contains(url)):
+            raise UsageError(f"output {url} overlaps input {src}", "write the fused checkpoint somewhere outside its inputs")
+    store = objstore.Store(url)
+    existing = store.list_keys()  # also proves the bucket is there and ours to use, before any work
+    if existing and not force:
+        raise UsageError(f"output {url} already holds {len(existing)} objects",
+                         "pass --force to replace them, or choose another prefix")
+    staging = objstore.temp_dir("deepfuse-output-")
+    local = staging / "output"
+    # into an empty prefix, finished data files go up while the rest is being written
+    early = objstore.EarlyUploader(store, _temp_path(local)) if not existing else None
+    try:
+        try:
+            result = write_plan(plan, local, force=False, progress=progress, command=command)
+        finally:
+            sent = early.stop() if early is not None else {}
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        with _signals_raise():
+            current = [k for k in store.list_keys() if k not in sent]
+            if current and not force:
+                raise UsageError(f"output {url} received objects while this run was writing (another run?); "
+                                 "nothing was replaced and nothing was written",
+                                 "pass --force to replace them, or choose another prefix")
+            objstore.upload_checkpoint(local, url, files, current, sent=sent, digests=result.files, store=store)
+    except BaseException:
+        if early is not None:  # what this run put there early (the rest is removed by upload_checkpoint)
+            objstore.discard(store, early.sent)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return FuseResult(output=str(url), files=result.files, total_bytes=result.total_bytes, manifest=result.manifest)
 
 
 def _replace(tmp: Path, output: Path, force: bool) -> None:

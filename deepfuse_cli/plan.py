@@ -24,6 +24,7 @@ from .errors import InputError, UsageError
 from .formats import registry as formats
 from .formats.registry import naming_of
 from .grouped_norm import GROUPS_KEY, HEAD_NORMS_FILE, HEAD_NORMS_KEY, ROLE_GROUPS_KEY
+from .grouped_router import MOE_EXPERTS_KEY, MOE_TOP_K_KEY  # each source's experts and top-k, in config.json
 from .ir import Checkpoint, TensorRef, dtype_size
 from .ops import FusionMismatch
 from .options import DTYPES, FuseOptions  # noqa: F401  (both also imported from here, as before)
@@ -61,6 +62,9 @@ class PlanEntry:
     noise: bool  # off-diagonal noise applies to this tensor
     scales: list[float] | None = None  # ops that average outputs: w_m * output_scale_m
     part_sizes: list[list[int]] | None = None  # parts named by role: each part's size in each source
+    #: per-source tensors when they are not the sources' tensors of this name: a mixture-of-experts
+    #: expert comes from one source's expert (renumbered) and zeros for every other source
+    refs: list[TensorRef] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +127,12 @@ class Plan:
     @property
     def n(self) -> int:
         return len(self.sources)
+
+    def source_refs(self, entry: PlanEntry) -> list[TensorRef]:
+        """The n source tensors ``entry`` is fused from, in source order."""
+        if entry.refs is not None:
+            return entry.refs
+        return [self.tensors[m][entry.name] for m in range(self.n)]
 
     @property
     def family(self) -> Family:
@@ -386,6 +396,12 @@ def widen_config(sources: list[Checkpoint], family: Family, configs: list[dict |
                 out[key] = name
     for key in (GROUPS_KEY, "deepfuse_norm_mode", ROLE_GROUPS_KEY, HEAD_NORMS_KEY):
         out.pop(key, None)
+    moe = family.preset.moe
+    for key in (MOE_EXPERTS_KEY, MOE_TOP_K_KEY):
+        out.pop(key, None)
+    if moe is not None and not options.convert_only:
+        out[MOE_EXPERTS_KEY] = [int(evaluate(moe.experts, v)) for v in views]
+        out[MOE_TOP_K_KEY] = [int(evaluate(moe.top_k, v)) for v in views]
     if options.norm == "prop":
         out["deepfuse_norm_mode"] = "prop"
         out[GROUPS_KEY] = groups
@@ -483,6 +499,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         tensors.append(refs)
         tied.append(t)
 
+    tensors, expert_refs, expert_counts = _expand_experts(sources, tensors, preset)
+    _check_expert_counts(sources, family, configs, expert_counts)
     names = sorted(tensors[0], key=natural_key)  # canonical: output bytes do not depend on input format
     for m in range(1, n):
         other = tensors[m]
@@ -495,6 +513,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
             raise InputError(f"{_origin(sources[m], m)} has tensor {extra!r}, which {_origin(sources[0], 0)} lacks",
                              "sources must have the same architecture and depth")
 
+    if expert_refs:
+        names = sorted([*names, *expert_refs], key=natural_key)
     matches = RuleSet(preset).match_all(names, _origin(sources[0], 0))
     output_scales = [family.output_scale(c) for c in configs]
     sized_parts = any(isinstance(r.parts, list) for r in preset.rules)
@@ -504,7 +524,7 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
     for name in names:
         match = matches[name]
         rule = match.rule
-        refs = [tensors[m][name] for m in range(n)]
+        refs = expert_refs.get(name) or [tensors[m][name] for m in range(n)]
         for m, ref in enumerate(refs):
             if len(ref.shape) != len(rule.axes):
                 raise InputError(
@@ -532,7 +552,8 @@ def build_plan(sources: list[Checkpoint], options: FuseOptions, rules: Preset | 
         part_sizes = _part_sizes(sources, family, source_widths, name, rule, [r.shape for r in refs])
         entries.append(PlanEntry(name=name, rule_index=match.index, rule=rule,
                                  source_shapes=[r.shape for r in refs], source_dtypes=[r.dtype for r in refs],
-                                 shape=shape, dtype=dtype, noise=noise, scales=scales, part_sizes=part_sizes))
+                                 shape=shape, dtype=dtype, noise=noise, scales=scales, part_sizes=part_sizes,
+                                 refs=expert_refs.get(name)))
 
     check_widths(sources, family, configs, entries)
     groups = _norm_groups(entries)
@@ -627,6 +648,103 @@ def _part_sizes(sources: list[Checkpoint], family: Family, widths: list[dict[str
                              "config.json does not describe these weights: fix it or use the model's own config")
         out.append(sizes)
     return out
+def _expand_experts(sources: list[Checkpoint], tensors: list[dict[str, TensorRef]], preset: Preset
+                    ) -> tuple[list[dict[str, TensorRef]], dict[str, list[TensorRef]], list[int]]:
+    """Mixture-of-experts experts, concatenated: the sources' tensors without their per-expert ones
+    (rules with ``{expert}``), and each fused expert's n source tensors. Source m's expert j becomes
+    expert E_1 + ... + E_{m-1} + j; its tensor is source m's, and every other source m' gives zeros of
+    its own width (the expert reads and writes only source m's slice of the hidden state). Also each
+    source's number of experts (per MoE layer)."""
+    rules = [r for r in preset.rules if r.per_expert]
+    if not rules:
+        return tensors, {}, []
+    n = len(tensors)
+    # per source: the tensor's name with {expert} -> expert number -> ref
+    groups: list[dict[str, dict[int, TensorRef]]] = []
+    rest: list[dict[str, TensorRef]] = []
+    for refs in tensors:
+        g: dict[str, dict[int, TensorRef]] = {}
+        others: dict[str, TensorRef] = {}
+        for name, ref in refs.items():
+            hit = next((mt for r in rules if (mt := r.regex.fullmatch(name))), None)
+            if hit is None:
+                others[name] = ref
+                continue
+            key = name[:hit.start("expert")] + "{expert}" + name[hit.end("expert"):]
+            g.setdefault(key, {})[int(hit.group("expert"))] = ref
+        groups.append(g)
+        rest.append(others)
+    counts = []
+    for m, g in enumerate(groups):
+        sizes = {key: len(experts) for key, experts in g.items()}
+        count = max(sizes.values(), default=0)
+        for key, experts in sorted(g.items()):
+            if sorted(experts) != list(range(count)):
+                missing = next(j for j in range(count) if j not in experts)
+                raise InputError(f"{_origin(sources[m], m)} has no tensor {key.replace('{expert}', str(missing))!r} "
+                                 f"(it has {count} experts elsewhere)",
+                                 "every MoE layer of a source must hold experts 0..E-1 for each of its kernels")
+        counts.append(count)
+    keys = sorted(groups[0], key=natural_key)
+    for m in range(1, n):
+        diff = next((k for k in keys if k not in groups[m]), None) or next(
+            (k for k in groups[m] if k not in groups[0]), None)
+        if diff is not None:
+            which, other = (m, 0) if diff in groups[m] else (0, m)
+            raise InputError(f"{_origin(sources[which], which)} has tensors {diff!r}, which "
+                             f"{_origin(sources[other], other)} lacks",
+                             "sources must have the same architecture and depth")
+    out: dict[str, list[TensorRef]] = {}
+    zeros: dict[tuple, TensorRef] = {}  # one placeholder per source, kernel and shape, shared by the experts
+    for key in keys:
+        rule = next(r for r in rules if r.regex.fullmatch(key.replace("{expert}", "0")))
+        axis = rule.widened_axes[0] if len(rule.widened_axes) == 1 else None
+        offset = 0
+        for m in range(n):
+            for j in range(counts[m]):
+                own = groups[m][key][j]
+                refs = []
+                for k in range(n):
+                    if k == m:
+                        refs.append(own)
+                        continue
+                    like = groups[k][key][0]  # source k's width on the widened axis, and its dtype
+                    shared = [ax for ax in range(len(own.shape)) if ax != axis]
+                    if len(like.shape) == len(own.shape) and any(like.shape[ax] != own.shape[ax] for ax in shared):
+                        raise InputError(f"{_origin(sources[m], m)}: tensor {own.name!r} has shape {list(own.shape)} "
+                                         f"but {_origin(sources[k], k)}'s {like.name!r} has {list(like.shape)}",
+                                         "the sources' experts must have the same size (the fused model has more "
+                                         "experts, not wider ones)")
+                    shape = tuple(like.shape[ax] if ax == axis else s for ax, s in enumerate(own.shape))
+                    if axis is None or len(like.shape) != len(own.shape):
+                        shape = tuple(like.shape)
+                    zkey = (k, key, shape, m)
+                    if zkey not in zeros:
+                        zeros[zkey] = TensorRef(
+                            name=like.name, shape=shape, dtype=like.dtype,
+                            loader=lambda shape=shape, dt=like.dtype: torch.zeros(shape, dtype=dt),
+                            source=f"zeros: source {k + 1} has no part in source {m + 1}'s experts {key!r}")
+                    refs.append(zeros[zkey])
+                out[key.replace("{expert}", str(offset + j))] = refs
+            offset += counts[m]
+    return rest, out, counts
+
+
+def _check_expert_counts(sources: list[Checkpoint], family: Family, configs: list[dict | None],
+                         counts: list[int]) -> None:
+    """Each source's expert tensors are as many as its config.json says (the fused config's count is
+    their sum, and the grouped router's groups are these counts)."""
+    moe = family.preset.moe
+    if moe is None or not counts:
+        return
+    for m, (ck, c) in enumerate(zip(sources, configs, strict=True)):
+        if c is None or not counts[m]:
+            continue
+        want = evaluate(moe.experts, family.view(c))
+        if want != counts[m]:
+            raise InputError(f"{_origin(ck, m)}: its MoE layers hold {counts[m]} experts, but config.json gives "
+                             f"{moe.experts} = {want}",
+                             "config.json does not describe these weights: fix it or use the model's own config")
 
 
 def _resolve_output(plan: Plan, names: list[str]) -> None:

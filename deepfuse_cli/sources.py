@@ -12,6 +12,7 @@ from pathlib import Path
 from . import hub
 from .architectures import family_of
 from .formats import open_checkpoint
+from .formats.objstore import fetch_checkpoint, parse_url
 from .formats.registry import naming_of
 from .ir import Checkpoint
 from .errors import DeepfuseError
@@ -21,10 +22,16 @@ from .rules.engine import list_presets, load_preset, preset_for_config
 def open_source(path: str | Path, step: int | None = None) -> Checkpoint:
     """Open ``path`` lazily (no tensor data is read), with a config inferred where it has none.
 
+    ``path`` may be an object-store URL (``gs://``, ``s3://``; T5X/Orbax): the step read is first
+    copied into a temporary local directory, and ``metadata["source_url"]`` records the URL.
     ``path`` given as text may be a Hugging Face Hub id (a local path of that name wins): the files
     the checkpoint needs are fetched into (or found in) huggingface_hub's cache, and the checkpoint's
     ``metadata["hub"]`` says which repository, revision and commit it is."""
-    if hub.is_hub_source(path):
+    url = parse_url(path)
+    if url is not None:
+        ck = open_checkpoint(fetch_checkpoint(url, step), step=step)
+        ck.metadata["source_url"] = str(url)
+    elif hub.is_hub_source(path):
         source = hub.resolve(str(path))
         ck = open_checkpoint(source.path, step=step)
         ck.metadata["hub"] = source

@@ -129,6 +129,9 @@ IDENTITY_RULES = {  # op -> a rule for a 2-D tensor and the context fields of on
     "output_average": (rule("output_average", ["vocab", "hidden"]), {"scales": [1.0]}),
     "bias_average": (rule("bias_average", ["classes", "shared"]), {"weights": [1.0]}),
     "passthrough_identical": (rule("passthrough_identical", ["shared", "shared"]), {}),
+    "expert_in": (rule("expert_in", ["expert_mlp", "hidden"]), {}),
+    "expert_out": (rule("expert_out", ["hidden", "expert_mlp"]), {}),
+    "expert_stack_out": (rule("expert_stack_out", ["experts", "hidden"], input_axis=0), {}),
     "shared_average": (rule("shared_average", ["shared", "shared"]), {"weights": [1.0]}),
 }
 
@@ -155,7 +158,7 @@ def test_rules_name_registered_ops_only():
         ("split_fuse_concat", ["hidden", "qkv"], {"parts": 3}, "over two widened axes needs input_axis"),
         ("concat", ["qkv"], {}, "the 'qkv' role is only valid with op split_fuse_concat"),
         ("concat", ["hidden"], {"input_axis": 0},
-         "input_axis is only meaningful for block_diagonal / split_fuse_concat, not concat"),
+         "input_axis is only meaningful for block_diagonal / split_fuse_concat / expert_stack_out, not concat"),
         ("concat", ["hidden"], {"parts": 2}, "parts is only meaningful for split_fuse_concat"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -16,7 +16,10 @@ from .helpers import assert_fused_function, cli, load, probe, run
 
 PRESET_FIXTURES = {"llama": ["llama-a", "qwen2-a", "mistral-a", "llama-tied-a"], "gpt2": ["gpt2-a"],
                    "t5": ["t5v11-a", "t5v10-a"], "mlp": ["mlp-a"], "qwen3": ["qwen3-a"],
-                   "starcoder2": ["starcoder2-a"], "olmo2": ["olmo2-a"], "gpt_neox": ["gpt_neox-a"], "opt": ["opt-a", "opt-proj-a"]}
+                   "starcoder2": ["starcoder2-a"], "olmo2": ["olmo2-a"], "gpt_neox": ["gpt_neox-a"], "opt": ["opt-a", "opt-proj-a"],
+                   "mixtral": ["mixtral-a", "mixtral-a-stacked"], "qwen3_moe": ["qwen3_moe-a", "qwen3_moe-a-stacked"],
+                   "phi3": ["phi3-a", "phi3-longrope-a"], "falcon": ["falcon-a", "falcon-mq-a", "falcon-mha-a"],
+                   "gemma": ["gemma-a"], "gemma2": ["gemma2-a"], "gemma3_text": ["gemma3_text-a"]}
 
 
 def test_every_preset_is_valid_and_has_a_fixture():
@@ -39,9 +42,9 @@ def test_every_rule_claims_something_in_the_presets_own_fixtures(preset, hf_fixt
         assert not unmatched and not ambiguous, (fixture, unmatched, ambiguous)
         used |= {m.index for m in matched.values()}
     dead = [p.rules[i].pattern for i in range(len(p.rules)) if i not in used]
-    # the buffers of old checkpoints and Llama's optional o/MLP biases have no fixture
+    # the buffers of old checkpoints and the optional attention/MLP biases (attention_bias, mlp_bias) have no fixture
     allowed = {r.pattern for r in p.rules if r.op == "passthrough_identical" or
-               (r.optional and ("o_proj" in r.pattern or "mlp" in r.pattern or "embed_tokens" in r.pattern))}
+               (r.optional and ("self_attn" in r.pattern or "mlp" in r.pattern or "embed_tokens" in r.pattern))}
     assert set(dead) <= allowed, dead
 
 

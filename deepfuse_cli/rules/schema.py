@@ -17,7 +17,8 @@ A rules file (JSON) describes one architecture family::
     }
 
 ``pattern`` is a regular expression matched against the *whole* tensor name; ``{layer}``
-stands for a layer number. ``axes`` names the role of every axis of the tensor: a widened
+stands for a layer number, ``{expert}`` for a mixture-of-experts expert's number (such a rule's
+tensors are renumbered: the fused model has every source's experts, in source order). ``axes`` names the role of every axis of the tensor: a widened
 role (each source owns a slice of that axis) or a shared one (equal in every source).
 """
 
@@ -42,6 +43,7 @@ WIDENED_ROLES = {
     "head_count": "one entry per attention head (e.g. T5 relative attention bias)",
     "qkv": "a fused projection axis holding several parts (split with 'parts')",
     "proj": "the embedding's own width where it differs from the hidden size (OPT's word_embed_proj_dim)",
+    "experts": "mixture-of-experts experts, one entry each (a router's output axis)",
 }
 #: Axis roles that must be equal in every source.
 SHARED_ROLES = {
@@ -51,6 +53,7 @@ SHARED_ROLES = {
     "features": "input features shared by all sources",
     "classes": "output classes / logits shared by all sources",
     "shared": "any other axis that must match across sources",
+    "expert_mlp": "an expert's intermediate units (equal in every source: the fused model has more experts, not wider ones)",
 }
 AXIS_ROLES = {**WIDENED_ROLES, **SHARED_ROLES}
 
@@ -59,6 +62,10 @@ OPS = {name: op.description for name, op in fusion_ops.OPS.items()}
 
 LAYER_TOKEN = "{layer}"
 LAYER_REGEX = r"(?P<layer>\d+)"
+#: In a pattern, an expert's number: the fused model's experts are every source's, in source order
+#: (source m's expert j becomes expert E_1 + ... + E_{m-1} + j)
+EXPERT_TOKEN = "{expert}"
+EXPERT_REGEX = r"(?P<expert>\d+)"
 #: Tensor namings: the ecosystem whose names (and layouts) a checkpoint's files use.
 NAMINGS = {n.value: text for n, text in DESCRIPTIONS.items()}
 #: Legacy ``output.scale`` values, as expressions.
@@ -157,7 +164,7 @@ class Rule(_AddedFields):
     @classmethod
     def _valid_regex(cls, v: str) -> str:
         try:
-            re.compile(v.replace(LAYER_TOKEN, LAYER_REGEX))
+            re.compile(v.replace(LAYER_TOKEN, LAYER_REGEX).replace(EXPERT_TOKEN, EXPERT_REGEX))
         except re.error as exc:
             raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
         return v
@@ -238,7 +245,13 @@ class Rule(_AddedFields):
 
     @property
     def regex(self) -> re.Pattern[str]:
-        return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX))
+        return re.compile(self.pattern.replace(LAYER_TOKEN, LAYER_REGEX).replace(EXPERT_TOKEN, EXPERT_REGEX))
+
+    @property
+    def per_expert(self) -> bool:
+        """The rule claims one tensor per mixture-of-experts expert (``{expert}`` in its pattern):
+        each fused expert comes from one source's expert, renumbered after the previous sources'."""
+        return EXPERT_TOKEN in self.pattern
 
 
 def _ops_that(has: Callable[[fusion_ops.FusionOp], bool]) -> str:
@@ -396,6 +409,23 @@ class DeviationSpec(_Strict):
         return _valid_expression(v)
 
 
+class MoeSpec(_Strict):
+    """A mixture-of-experts family: how many experts each source routes to, and its router module, so
+    that the fused config records the experts per source and :func:`grouped_norm.apply_grouped_norms`
+    can swap the router for one that routes each source among its own experts (exact for any sources)."""
+
+    router: str = Field(description="router module class name, e.g. MixtralTopKRouter")
+    experts: str = Field(description="number of experts of one source, an expression (e.g. num_local_experts)")
+    top_k: str = Field(description="experts each token is routed to in one source, an expression")
+    renormalise: str = Field(description="whether the top-k routing weights are renormalised to sum to 1, an "
+                             "expression (e.g. 'True', or 'norm_topk_prob')")
+
+    @field_validator("experts", "top_k", "renormalise")
+    @classmethod
+    def _expressions(cls, v: str) -> str:
+        return _valid_expression(v)
+
+
 class Preset(_Strict):
     name: str
     description: str = ""
@@ -408,6 +438,7 @@ class Preset(_Strict):
     norms: list[NormSpec] = Field(default_factory=list)
     deviations: list[DeviationSpec] = Field(
         default_factory=list, description="where the runtime is not the average of different sources (verify: expected)")
+    moe: MoeSpec | None = None
     output: OutputSpec | None = None
     config: ConfigSpec | None = None
     rules: list[Rule]
@@ -416,6 +447,14 @@ class Preset(_Strict):
     @classmethod
     def _naming(cls, v: str) -> str:
         return _known_naming(v)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_moe(self, handler):
+        """A family without experts dumps (and digests) as it did before ``moe`` existed."""
+        data = handler(self)
+        if self.moe is None and isinstance(data, dict):
+            data.pop("moe", None)
+        return data
 
     @property
     def namings(self) -> list[str]:

@@ -162,9 +162,10 @@ def _part_name(rule: Rule, part: int | None) -> str:
     return f" of part {'qkv'[part] if rule.parts == 3 else part}"
 
 
-def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: int | None) -> list[Block]:
+def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: int | None,
+                coef: float = 1.0) -> list[Block]:
     """The n x n blocks of the block-diagonal of ``pieces`` over the two widened axes, the fused
-    pieces starting at ``base`` (axis -> offset in the fused tensor)."""
+    pieces starting at ``base`` (axis -> offset in the fused tensor), the sources times ``coef``."""
     a0, a1 = lay.rule.widened_axes
     n = len(pieces)
     starts = {ax: _starts([p[ax][1] for p in pieces], base.get(ax, 0)) for ax in (a0, a1)}
@@ -185,7 +186,7 @@ def _block_grid(lay: Layout, pieces: list[Piece], base: dict[int, int], part: in
                 blocks.append(Block("off-diagonal", f"off-diagonal block ({i + 1}, {j + 1}){_part_name(lay.rule, part)}",
                                     where, shape, terms))
                 continue
-            diag = [Term(1.0, source=i, region=_region(lay.ndim, pieces[i]))]
+            diag = [Term(coef, source=i, region=_region(lay.ndim, pieces[i]))]
             if lay.noise is not None and lay.noise.preserving:
                 # output block b = i receives N(a, b) from every other input block a
                 for a in range(n):
@@ -289,6 +290,34 @@ def passthrough_identical(lay: Layout) -> list[Block]:
     return [Block("whole", "source 1's tensor", every, lay.shape, (Term(1.0, source=0, region=every),), source=0)]
 
 
+def expert_in(lay: Layout) -> list[Block]:
+    """A fused expert's input kernel: slice m of the hidden axis is source m's (the plan gives the
+    expert's own source its expert, every other source zeros)."""
+    return _slices(lay, _whole(lay), lay.rule.widened_axes[0], 0, None)
+
+
+def expert_out(lay: Layout) -> list[Block]:
+    """A fused expert's output kernel: slice m of the hidden axis is n x source m's. The fused router
+    routes to n times as many experts, each with 1/n of its source's routing weight (softmax over n
+    equal copies; renormalised top-k), so n x the weight restores each source's MLP output."""
+    axis = lay.rule.widened_axes[0]
+    starts = _starts([s[axis] for s in lay.source_shapes], 0)
+    blocks = []
+    for m, piece in enumerate(_whole(lay)):
+        shape = _shape(lay, {axis: piece[axis][1]})
+        where = _region(lay.ndim, {axis: (starts[m], shape[axis])})
+        term = Term(float(lay.n), source=m, region=_region(lay.ndim, piece))
+        blocks.append(Block("slice", f"slice of source {m + 1} (times n = {lay.n})", where, shape, (term,), source=m))
+    return blocks
+
+
+def expert_stack_out(lay: Layout) -> list[Block]:
+    """Stacked experts' output kernels [E, d, I]: block-diagonal over the experts and hidden axes of n x
+    each source (as ``expert_out``: each expert's routing weight in the fused model is 1/n of its
+    source's); preserving noise is compensated along the experts axis (the rule's input_axis)."""
+    return _block_grid(lay, _whole(lay), {}, None, coef=float(lay.n))
+
+
 def shared_average(lay: Layout) -> list[Block]:
     """A shared tensor no source can widen: ``T_1 + sum_{m>1} w_m (T_m - T_1)``."""
     every = tuple(slice(None) for _ in range(lay.ndim))
@@ -306,6 +335,9 @@ DECOMPOSITIONS: dict[str, Callable[[Layout], list[Block]]] = {
     "output_average": output_average,
     "bias_average": bias_average,
     "passthrough_identical": passthrough_identical,
+    "expert_in": expert_in,
+    "expert_out": expert_out,
+    "expert_stack_out": expert_stack_out,
     "shared_average": shared_average,
 }
 

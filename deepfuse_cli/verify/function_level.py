@@ -363,6 +363,8 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
         why = []
         if not norms_exact:
             why.append("norm mode 'rule' with different sources (norms over the concatenation)")
+            if plan.preset.moe is not None:  # routers are grouped with the norms (apply_grouped_norms)
+                why.append("the stock router (one top-k over every source's experts)")
         if not noise_exact:
             why.append(f"off-diagonal noise ({opts.describe_noise()})")
         if not family_exact:
@@ -383,8 +385,9 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
             g_broken = next((r for r in g_layers if r["relative"] > tol), None)
             g["first_broken_layer"] = g_broken["layer"] if g_broken else None
             good = g["relative_max_error"] <= tol and g_broken is None
+            alone = "norms and the routing" if plan.preset.moe is not None else "norms"
             checks.append(Check("function: same weights with grouped norms", "pass" if good else "fail",
-                                ("exact: the rule-mode deviation is due to the norms alone" if good else
+                                (f"exact: the rule-mode deviation is due to the {alone} alone" if good else
                                  f"not exact even with grouped norms: relative max error {g['relative_max_error']:.3g}"
                                  + (f", first broken hidden state {g_broken['layer']}" if g_broken else "")), g))
     return checks

@@ -23,6 +23,7 @@ from ..plan import MAX_COPIES, Plan, build_plan, conversion_preset
 from ..rules import load_rules
 from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
+from ..formats.objstore import fetch_checkpoint, is_url, parse_url
 from ..sources import open_source
 from ..untrusted import resolve, resolves_inside
 from .function_level import TextTokens, tokenize_text, verify_function
@@ -220,11 +221,14 @@ def hf_view(ck: Checkpoint, workdir: Path) -> Path:
 
 
 def run_verify(fused: Path, opts: VerifyOptions) -> Report:
+    url = parse_url(fused)
+    if url is not None:  # a T5X/Orbax checkpoint on object storage: its committed step, copied here
+        fused = fetch_checkpoint(url)
     fused = Path(fused)
     if not fused.exists():
         raise InputError(f"{fused}: no such file or directory")
     manifest = read_manifest(fused)
-    report = Report(fused=str(fused), sources=[])
+    report = Report(fused=str(url or fused), sources=[])
     report.meta.update({"deepfuse_version": __version__, "torch": torch.__version__, "python": platform.python_version()})
     try:
         import transformers
@@ -252,7 +256,9 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         use_manifest_options = manifest is not None and manifest.n == len(paths)
     elif manifest is not None:
         # a Hub source is fetched again at the commit recorded (from the cache when it is there)
-        paths = [Path(s.path) if s.hub is None else f"{s.hub.repo_id}@{s.hub.commit}" for s in manifest.sources]
+        # an object-store source (its URL) is read from there again
+        paths = [(s.path if is_url(s.path) else Path(s.path)) if s.hub is None else f"{s.hub.repo_id}@{s.hub.commit}"
+                 for s in manifest.sources]
         steps = [s.step for s in manifest.sources]
         self_fusion = manifest.kind == "self-fusion"
         use_manifest_options = True

@@ -249,9 +249,10 @@ def diagnose(verdict: Verdict, actual: torch.Tensor, sources: list[torch.Tensor]
 
 def _load_sources(plan: Plan, entry: PlanEntry) -> list[torch.Tensor]:
     """The sources of one tensor, each read once (a self-fusion's n copies are one tensor)."""
-    if plan.options.self_fusion:
-        return [plan.tensors[0][entry.name].load()] * plan.n
-    return [plan.tensors[m][entry.name].load() for m in range(plan.n)]
+    refs = plan.source_refs(entry)
+    if plan.options.self_fusion and entry.refs is None:
+        return [refs[0].load()] * plan.n
+    return [r.load() for r in refs]
 
 
 def _fail(message: str, **figures) -> Check:
@@ -392,7 +393,7 @@ def _verify_entry(plan: Plan, entry: PlanEntry, ref: TensorRef, out_name: str, s
                      tensor=out_name), 0.0
     except _SourceNonFinite:
         bad = [m for m, t in enumerate(sources) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        where = (plan.tensors[bad[0]][entry.name].source or str(plan.sources[bad[0]].path)) if bad else "the sources"
+        where = (plan.source_refs(entry)[bad[0]].source or str(plan.sources[bad[0]].path)) if bad else "the sources"
         raise InputError(f"{where}: tensor {entry.name!r} gives non-finite values (NaN or Inf), but the fusion "
                          "recorded none", "verify against the sources the fusion read (--sources)") from None
     failed = [v for v in verdicts if not v.ok]
