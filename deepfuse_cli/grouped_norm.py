@@ -190,9 +190,76 @@ def _width(module: nn.Module) -> int | None:
     return None
 
 
-from .formats.hf import HEAD_NORMS_FILE
-from .grouped_router import apply_grouped_routers
-from .rules.schema import NormSpec, Rule
+def head_norms_path(model: nn.Module) -> Path | None:
+    """Where the model's per-head norm file would be: beside the weights it was loaded from."""
+    config = getattr(model, "config", None)
+    where = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return Path(where) / HEAD_NORMS_FILE if where else None
+
+
+def load_head_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The per-head norm scales written beside the model's weights (empty when there are none: sources
+    that agree need none). A config naming the file when it is missing is an error."""
+    from safetensors.torch import load_file
+
+    path = head_norms_path(model)
+    named = _config_value(model, HEAD_NORMS_KEY)
+    if path is None or not path.is_file():
+        if named:
+            raise ValueError(f"config.json names per-head norms {named!r}, but {path} does not exist: copy the file "
+                             "beside the weights (save it with save_head_norms after save_pretrained)")
+        return {}
+    return load_file(str(path))
+
+
+def save_head_norms(model: nn.Module, directory: str | Path) -> Path | None:
+    """Write the per-head scales of ``model``'s grouped head norms to ``directory`` (call it after
+    ``save_pretrained(directory)``; ``apply_grouped_norms`` reads them back). None if there are none."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.weight": m.head_weight.detach().contiguous().cpu()
+               for name, m in model.named_modules() if isinstance(m, GroupedHeadNorm)}
+    if not tensors:
+        return None
+    path = Path(directory) / HEAD_NORMS_FILE
+    save_file(tensors, str(path))
+    return path
+
+
+def _config_value(model: nn.Module, key: str):
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    value = getattr(config, key, None)
+    if value is None and hasattr(config, "to_dict"):
+        value = config.to_dict().get(key)
+    return value
+
+
+def _rule_of(rules: list[Rule], names: Sequence[str]) -> tuple[Rule, str] | tuple[None, None]:
+    """The norm rule claiming the module's weight, and that weight's name in the checkpoint."""
+    for weight in names:
+        rule = next((r for r in rules if r.regex.fullmatch(weight)), None)
+        if rule is not None:
+            return rule, weight
+    return None, None
+
+
+def apply_grouped_norms(model: nn.Module, groups: Sequence[int] | None = None, *,
+                        role_groups: dict[str, Sequence[int]] | None = None,
+                        head_norms: dict[str, torch.Tensor] | None = None, routers: bool = True) -> int:
+    """Replace every norm over a fused width in ``model`` by a grouped one; returns how many were replaced.
+
+    ``groups`` (the sources' hidden sizes) defaults to ``model.config.deepfuse_norm_groups``;
+    ``role_groups`` (norms over other widths, e.g. OLMo 2's k_norm over kv_heads * head_dim) to
+    ``deepfuse_norm_role_groups``; ``head_norms`` (per-head scales of norms a [head_dim] weight applies
+    to every head, e.g. Qwen3's q_norm) to the file beside the weights the model was loaded from
+    (``deepfuse_head_norms.safetensors``). Which groups a norm takes comes from its family's rules (the
+    role of the norm tensor's widened axis); norms no rule names (weightless ones, unknown families)
+    are grouped by width. Raises ValueError if there are no groups or no norm matched (a model that
+    was not fused with ``--norm prop``). A fused mixture-of-experts model also gets grouped routers (each
+    source's top-k among its own experts, ``grouped_router``), unless ``routers`` is False (the stock
+    routing, e.g. to measure it).
     """
     if groups is None:
         groups = _config_value(model, GROUPS_KEY)
