@@ -475,6 +475,10 @@ def _emit_verify(result, report: Path | None, markdown: Path | None, junit: Path
         out.print(table)
     if not result.passed:
         bad = result.first_failure
+        if bad.unverified:  # nothing failed, but a needed check could not run: not a pass
+            raise VerificationFailed(f"{result.fused}: {bad.name}: {bad.message}",
+                                     "install a runtime that loads the model (pip install 'deepfuse[verify]'), "
+                                     "or pass --no-function to accept the tensor level alone")
         raise VerificationFailed(f"{result.fused}: {bad.name}: {bad.message}",
                                  "the checkpoint is not the fusion it claims to be; re-run the fusion")
 

@@ -243,6 +243,13 @@ class RuntimeSpec(_Strict):
                              "or 'builtin' for a forward pass in the family module")
     inputs: Literal["causal", "seq2seq", "features"] = Field(
         default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, or feature vectors")
+    expected_deviation: str | None = Field(
+        default=None, description="why the fused logits are not exactly the weighted average of the sources' in "
+        "exact modes (e.g. 'final logit softcapping'): a deviation there is reported as expected, the hidden "
+        "states still held exact")
+    expected_deviation_when: str | None = Field(
+        default=None, description="config.json field that must be set (not null, not false) for expected_deviation "
+        "to apply, e.g. final_logit_softcapping; none: always")
 
 
 class NormSpec(_Strict):

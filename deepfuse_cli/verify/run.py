@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,8 +15,8 @@ from ..errors import DeepfuseError, InputError, UsageError
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..formats.registry import HUGGING_FACE, for_checkpoint
-from ..fuse import write_plan
-from ..ir import Checkpoint
+from ..compute import compute_tensor
+from ..ir import Checkpoint, TensorRef
 from ..manifest import Manifest
 from ..options import FuseOptions, OptionError, Options
 from ..plan import MAX_COPIES, Plan, build_plan, conversion_preset
@@ -25,8 +25,9 @@ from ..rules.engine import builtin_preset_with_digest, rules_digest
 from ..rules.schema import Preset
 from ..sources import open_source
 from ..untrusted import resolve, resolves_inside
-from .function_level import TextTokens, tokenize_text, verify_function
+from .function_level import ModelView, TextTokens, tokenize_text, verify_function
 from .report import Check, Report
+from .streamed import Weights
 from .tensor_level import verify_tensors
 
 
@@ -200,15 +201,27 @@ def _check_source_digests(manifest: Manifest, sources) -> None:
                                  "pass the original sources with --sources")
 
 
-def hf_view(ck: Checkpoint, workdir: Path) -> Path:
-    """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint
-    converted (the runtime loads Hugging Face directories)."""
+def model_view(ck: Checkpoint, config: dict | None = None) -> ModelView:
+    """What the runtime runs for ``ck``: its tensors by Hugging Face names, read one at a time; a
+    T5X/Orbax checkpoint's through its conversion (each tensor converted as it is read, no files
+    written). ``config`` stands in for a checkpoint without config.json (a bare fused weights file)."""
     if for_checkpoint(ck) is HUGGING_FACE:
-        return ck.path
+        whole = ck.path if ck.path.is_dir() and ck.config else None
+        return ModelView(Weights(ck.config or config or {}, ck.tensors), whole)
     plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format=HUGGING_FACE.name))
-    dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
-    write_plan(plan, dest)
-    return dest
+    conversion = plan.conversion
+    refs = {}
+    for entry in plan.entries:
+        if entry.name in conversion.drop:
+            continue
+        name = conversion.out_name(entry.name)
+        refs[name] = TensorRef(name, conversion.out_shape(entry.name, entry.shape), entry.dtype,
+                               loader=functools.partial(_converted, plan, entry), source=str(ck.path))
+    return ModelView(Weights(plan.output_config or {}, refs))
+
+
+def _converted(plan: Plan, entry) -> torch.Tensor:
+    return plan.conversion.apply(entry.name, compute_tensor(plan, entry))[1]
 
 
 def run_verify(fused: Path, opts: VerifyOptions) -> Report:
@@ -288,7 +301,7 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     if skipped is not None:
         report.add(skipped)
     elif not plan.options.convert_only:  # a conversion's function is its source's: the tensor level proves it
-        report.run("function", lambda: verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes,
+        report.run("function", lambda: verify_function(plan, fused_ck, report, view_of=model_view, probes=opts.probes,
                                                        seq_len=opts.seq_len, seed=opts.seed, tol=opts.tol,
                                                        strict=opts.strict, tokens=tokens))
     return report
@@ -300,6 +313,4 @@ def _function_not_run(plan: Plan, fused: Path, opts: VerifyOptions, options: Fus
                      "manifest): no function to compare; tensor level only")
     if not opts.function:
         return Check("function", "skip", "not run (--no-function): integrity and tensor level only")
-    if not fused.is_dir():
-        return Check("function", "skip", f"{fused} is a bare file, not a directory a runtime loads; tensor level only")
     return None
