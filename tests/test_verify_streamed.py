@@ -71,7 +71,7 @@ def make_llama(path: Path, layers: int, hidden: int = 128, inter: int = 352, voc
 CHILD = r"""
 import json, resource, sys
 from deepfuse_cli.verify import VerifyOptions, run_verify
-report = run_verify(sys.argv[1], VerifyOptions(probes=2, seq_len=8))
+report = run_verify(sys.argv[1], VerifyOptions(probes=1, seq_len=8))
 print(json.dumps({"passed": report.passed, "meta": report.meta,
                   "checks": {c.name: c.status for c in report.checks},
                   "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, default=str))
@@ -95,6 +95,7 @@ def test_peak_memory_is_independent_of_depth(tmp_path):
         out = tmp_path / f"out{layers}"
         cli("self-fuse", tmp_path / f"src{layers}", "--times", "2", "-o", out, "-q")
         runs[layers] = verify_peak(out)
+        print(layers, runs[layers]["peak"] / MiB)
         assert runs[layers]["passed"], runs[layers]
         assert runs[layers]["checks"]["function: logits vs source"] == "pass"
         assert runs[layers]["meta"]["function_loading"] == {"sources": "streamed", "fused": "streamed"}

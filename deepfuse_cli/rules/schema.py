@@ -243,12 +243,14 @@ class RuntimeSpec(_Strict):
                              "or 'builtin' for a forward pass in the family module")
     inputs: Literal["causal", "seq2seq", "features"] = Field(
         default="causal", description="probe inputs: token ids (causal), encoder+decoder ids, or feature vectors")
+    # verify's reading of the function, not how the fusion runs: left out of the preset's dumps (manifests,
+    # digests), so that declaring it changes no fused checkpoint
     expected_deviation: str | None = Field(
-        default=None, description="why the fused logits are not exactly the weighted average of the sources' in "
+        default=None, exclude=True, description="why the fused logits are not exactly the weighted average of the sources' in "
         "exact modes (e.g. 'final logit softcapping'): a deviation there is reported as expected, the hidden "
         "states still held exact")
     expected_deviation_when: str | None = Field(
-        default=None, description="config.json field that must be set (not null, not false) for expected_deviation "
+        default=None, exclude=True, description="config.json field that must be set (not null, not false) for expected_deviation "
         "to apply, e.g. final_logit_softcapping; none: always")
 
 

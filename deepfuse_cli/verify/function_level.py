@@ -1,11 +1,16 @@
 """Function-level verification: probes through the sources and the fused model.
 
 Hugging Face families run in transformers (the runtime users train with; ``deepfuse[verify]``),
-the MLP family in its built-in forward. One model is in memory at a time: each source's logits and
-hidden states are kept, the model dropped, then the fused model runs. Probes are seeded random token
-ids, or a text file's tokens (``--text``, the source's own tokenizer). A fused model the runtime
-refuses or cannot run (a config it rejects, missing keys, shapes that do not match) is a failed check
-with one line saying why, never a traceback.
+streamed (:mod:`.streamed`): the model built without weights, each layer's weights read from the
+checkpoint in fp32 just before it runs and dropped after, so memory is a layer's, whatever the depth,
+and half-precision checkpoints are computed in fp32 (held to the fp32 tolerance when their storage is
+exact, :func:`function_tol`). T5X/Orbax checkpoints are read through their conversion, tensor by
+tensor, with no files written. The MLP family runs in its built-in forward. Each source's logits and
+hidden states are kept (probes x seq x width, small), then the fused model runs. Probes are seeded
+random token ids, or a text file's tokens (``--text``, the source's own tokenizer). A fused model the
+runtime refuses or cannot run (a config it rejects, missing keys, shapes that do not match) is a failed
+check with one line saying why, never a traceback; a model no runtime can build is a skipped check
+that keeps the verification from passing.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ unit loads it by whichever name the checkpoint holds.
 from __future__ import annotations
 
 import contextlib
-import gc
 import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
@@ -330,8 +329,7 @@ class StreamedModel:
         for pre, post in self._hooks:
             pre.remove()
             post.remove()
-        self.model = None
-        gc.collect()
+        self.model = None  # its parameters are placeholders: nothing large to collect
 
 
 def _renamed(model: nn.Module, tensors: Mapping[str, TensorRef]) -> Mapping[str, TensorRef]:
