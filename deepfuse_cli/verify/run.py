@@ -27,7 +27,7 @@ from ..sources import open_source
 from ..untrusted import resolve, resolves_inside
 from .function_level import ModelView, TextTokens, tokenize_text, verify_function
 from .report import Check, Report
-from .streamed import Weights
+from .streamed import Weights, prepare_runtime
 from .tensor_level import verify_tensors
 
 
@@ -294,10 +294,12 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
 
     tokens = _text_tokens(opts, plan, fused) if opts.text is not None else None  # refused before any work
 
+    skipped = _function_not_run(plan, fused, opts, options)  # for a reason of its own, whatever else failed
+    if skipped is None and not plan.options.convert_only:
+        prepare_runtime(plan.config or {})  # the runtime's imports, while the tensor level runs
     fused_ck = _open_fused(fused, report)
     report.run("tensors", lambda: verify_tensors(plan, fused_ck, opts.strict, None))
     report.run("config", lambda: [check_config(plan, fused_ck, use_manifest_options)])
-    skipped = _function_not_run(plan, fused, opts, options)  # for a reason of its own, whatever else failed
     if skipped is not None:
         report.add(skipped)
     elif not plan.options.convert_only:  # a conversion's function is its source's: the tensor level proves it

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -71,6 +72,23 @@ def _transformers():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+def prepare_runtime(config: dict[str, Any]) -> None:
+    """Import transformers and the model code of ``config`` on a thread of its own (seconds of Python
+    work that the function check would otherwise wait for), while other checks run; errors are left for
+    the function check to report."""
+
+    def imports() -> None:
+        try:
+            from transformers import initialization  # noqa: F401 - the modelling machinery
+            from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
+
+            model_class(config)
+        except Exception:  # noqa: BLE001, S110 - only a head start: the function check reports any error
+            pass
+
+    threading.Thread(target=imports, name="deepfuse-runtime-imports", daemon=True).start()
 
 
 def config_object(config: dict[str, Any]):
