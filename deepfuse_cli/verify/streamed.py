@@ -284,38 +284,80 @@ class StreamedModel:
 
     def _hooks_for(self, units: list[tuple[nn.Module, list[_Slot]]]) -> list:
         """Hooks loading each unit's weights before it runs and dropping them after; while a unit runs,
-        the next one (in module order, the order a forward runs them) is read on a second thread."""
+        the next one (in module order, the order a forward runs them) is read on a second thread.
+
+        The fp32 copies go into two banks of buffers, unit i into bank i % 2, reused from the unit two
+        before when the shapes match (consecutive blocks): no fresh memory to fault in for every layer,
+        which costs more than the reading. A bank holds one unit's buffers, so at most two units are
+        held at once; a bank whose unit is still running (a unit inside another) is not reused."""
         sizes = [sum(4 * s.ref.numel for s in slots) for _, slots in units]
         pending: list = []  # at most one (index, future): the unit read ahead
+        banks: list[dict] = [{"owner": None, "buffers": {}}, {"owner": None, "buffers": {}}]
+        active: set[int] = set()
+        keys = []  # the buffers each unit fills: (shape, n-th tensor of that shape in the unit)
+        for _, slots in units:
+            seen: dict[tuple[int, ...], int] = {}
+            unit_keys = []
+            for s in slots:
+                if s.ref.dtype.is_floating_point:
+                    shape = tuple(s.ref.shape)
+                    unit_keys.append((shape, seen.get(shape, 0)))
+                    seen[shape] = seen.get(shape, 0) + 1
+            keys.append(unit_keys)
 
-        def read(slots: list[_Slot]) -> list[torch.Tensor]:
-            out = []
+        def read(slots: list[_Slot], reuse: dict) -> tuple[list[torch.Tensor], dict]:
+            out, filled, seen = [], {}, {}
             for s in slots:
                 t = s.ref.load()
-                out.append(t.to(torch.float32) if t.is_floating_point() else t)
-            return out
+                if t.is_floating_point():
+                    shape = tuple(t.shape)
+                    key = (shape, seen.setdefault(shape, 0))
+                    seen[shape] += 1
+                    buffer = reuse.get(key)
+                    if buffer is None:
+                        buffer = torch.empty(shape, dtype=torch.float32)
+                    buffer.copy_(t)
+                    del t
+                    filled[key] = t = buffer
+                out.append(t)
+            return out, filled
+
+        def start(i: int):
+            """Read unit i (into its bank, unless that bank's unit is running): a future."""
+            bank = banks[i % 2]
+            if bank["owner"] in active:
+                return self._pool.submit(read, units[i][1], {}), None
+            reuse = {k: bank["buffers"][k] for k in keys[i] if k in bank["buffers"]}  # the others freed now
+            bank["buffers"], bank["owner"] = {}, i
+            return self._pool.submit(read, units[i][1], reuse), bank
 
         def hooks(i: int, unit: nn.Module, slots: list[_Slot]):
             def load(module, args):
                 if pending and pending[0][0] == i:
-                    tensors = pending.pop()[1].result()
+                    _, future, bank = pending.pop()
                 else:
-                    tensors = read(slots)
+                    future, bank = start(i)
+                tensors, filled = future.result()
+                if bank is not None and bank["owner"] == i:
+                    bank["buffers"] = filled
+                active.add(i)
                 ahead = 0
-                if not pending and i + 1 < len(units):
-                    pending.append((i + 1, self._pool.submit(read, units[i + 1][1])))
+                if not pending and i + 1 < len(units) and i + 1 not in active:
+                    pending.append((i + 1, *start(i + 1)))
                     ahead = sizes[i + 1]
                 for s, t in zip(slots, tensors):
                     s.owner._parameters[s.attr] = nn.Parameter(t, requires_grad=False)
                 self.loaded_bytes = max(self.loaded_bytes, sizes[i] + ahead)
 
             def drop(module, args, output):
+                active.discard(i)
                 for s in slots:
                     s.owner._parameters[s.attr] = s.placeholder
 
             return unit.register_forward_pre_hook(load), unit.register_forward_hook(drop)
 
         self._pending = pending
+        self._banks = banks
         return [hooks(i, unit, slots) for i, (unit, slots) in enumerate(units)]
 
     def forward(self, inputs: str, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None):
@@ -340,9 +382,10 @@ class StreamedModel:
         return logits.float(), [h.float() for h in hidden]
 
     def close(self) -> None:
-        for _, future in self._pending:
+        for _, future, _ in self._pending:
             future.cancel()
         self._pending.clear()
+        self._banks.clear()
         self._pool.shutdown(wait=True)
         for pre, post in self._hooks:
             pre.remove()
