@@ -420,7 +420,7 @@ def verify(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (plot as PNG beside it).")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one test case per check).")] = None,
     integrity_only: Annotated[bool, typer.Option("--integrity-only", help="Only check the manifest's file digests (no sources).")] = False,
-    function: Annotated[bool, typer.Option("--function/--no-function", help="Run the function-level check (--no-function: integrity and tensor level only; the report says the function check was skipped).")] = True,
+    function: Annotated[bool, typer.Option("--function/--no-function", help="Run the function-level check, in fp32, one layer in memory at a time (--no-function: integrity and tensor level only; the report says the function check was skipped). When no runtime can load the model, verify does not pass (exit 1) unless --no-function is given.")] = True,
     as_json: JsonOpt = False,
 ):
     """Prove FUSED computes the fusion of its sources: integrity, tensor level, function level.

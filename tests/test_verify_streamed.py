@@ -181,3 +181,21 @@ def test_no_runtime_is_never_a_silent_pass(tmp_path):
     assert {c["name"]: c["status"] for c in data["checks"]}["tensors: decomposition"] == "pass"
     ok = verify_json(tmp_path / "out", "--rules", path, "--no-function")
     assert ok["passed"] and {c["name"]: c["status"] for c in ok["checks"]}["function"] == "skip"
+
+
+def test_family_declared_expected_deviation():
+    """A family's preset may declare why its fused logits deviate (e.g. final logit softcapping), when a
+    config field is set; the declaration is verify's alone: preset dumps (manifests, digests) leave it out."""
+    from deepfuse_cli.rules import load_preset
+    from deepfuse_cli.rules.engine import preset_digest
+    from deepfuse_cli.rules.schema import RuntimeSpec
+    from deepfuse_cli.verify.function_level import family_deviation
+
+    spec = RuntimeSpec(model_class="AutoModelForCausalLM", expected_deviation="final logit softcapping",
+                       expected_deviation_when="final_logit_softcapping")
+    assert family_deviation(spec, {"final_logit_softcapping": 30.0}) == "final logit softcapping"
+    assert family_deviation(spec, {"final_logit_softcapping": None}) is None
+    assert family_deviation(RuntimeSpec(model_class="X"), {"final_logit_softcapping": 30.0}) is None
+    llama = load_preset("llama")
+    declared = llama.model_copy(update={"runtime": llama.runtime.model_copy(update={"expected_deviation": "x"})})
+    assert preset_digest(declared) == preset_digest(llama)
