@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import threading
 from pathlib import Path
 
 import torch
@@ -238,16 +239,39 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     except ImportError:
         report.meta["transformers"] = None
 
-    if manifest is not None:
-        report.add(check_integrity(fused, manifest))
-    elif opts.integrity_only:
-        raise InputError(f"{fused}: no {MANIFEST_NAME} manifest, so there are no recorded digests to check",
-                         "verify against the sources with --sources")
-    else:
+    if manifest is None:
+        if opts.integrity_only:
+            raise InputError(f"{fused}: no {MANIFEST_NAME} manifest, so there are no recorded digests to check",
+                             "verify against the sources with --sources")
         report.add(Check("integrity", "skip", f"no {MANIFEST_NAME} in {fused}: written by another tool"))
+        return _against_sources(fused, opts, manifest, report)
     if opts.integrity_only:
+        report.add(check_integrity(fused, manifest))
         return report
+    # the digests are computed on a thread of their own while the other checks run (hashing releases the
+    # interpreter; the machine's second core would otherwise idle), and reported first
+    # (a daemon thread: bad input found meanwhile is reported at once, not after hashing every file)
+    done: list = []
 
+    def integrity() -> None:
+        try:
+            done.append(check_integrity(fused, manifest))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            done.append(exc)
+
+    thread = threading.Thread(target=integrity, name="deepfuse-integrity", daemon=True)
+    thread.start()
+    report.add(Check("integrity", "skip", "not finished"))
+    _against_sources(fused, opts, manifest, report)
+    thread.join()
+    if isinstance(done[0], BaseException):
+        raise done[0]
+    report.checks[0] = done[0]
+    return report
+
+
+def _against_sources(fused: Path, opts: VerifyOptions, manifest: Manifest | None, report: Report) -> Report:
+    """Every check but integrity: the sources resolved, the plan made again, tensors, config, function."""
     # sources: --sources overrides the manifest
     if opts.sources:
         paths = list(opts.sources)
