@@ -231,26 +231,16 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         raise InputError(f"{fused}: no such file or directory")
     manifest = read_manifest(fused)
     report = Report(fused=str(fused), sources=[])
-    report.meta.update({"deepfuse_version": __version__, "torch": torch.__version__, "python": platform.python_version()})
-    try:
-        import transformers
-
-        report.meta["transformers"] = transformers.__version__
-    except ImportError:
-        report.meta["transformers"] = None
-
-    if manifest is None:
-        if opts.integrity_only:
-            raise InputError(f"{fused}: no {MANIFEST_NAME} manifest, so there are no recorded digests to check",
-                             "verify against the sources with --sources")
-        report.add(Check("integrity", "skip", f"no {MANIFEST_NAME} in {fused}: written by another tool"))
-        return _against_sources(fused, opts, manifest, report)
-    if opts.integrity_only:
+    if manifest is not None and opts.integrity_only:
         report.add(check_integrity(fused, manifest))
+        _versions(report)
         return report
-    # the digests are computed on a thread of their own while the other checks run (hashing releases the
-    # interpreter; the machine's second core would otherwise idle), and reported first
-    # (a daemon thread: bad input found meanwhile is reported at once, not after hashing every file)
+    if manifest is None and opts.integrity_only:
+        raise InputError(f"{fused}: no {MANIFEST_NAME} manifest, so there are no recorded digests to check",
+                         "verify against the sources with --sources")
+    # The digests are computed on a thread of their own, from the start, while everything else runs
+    # (hashing releases the interpreter; the machine's second core would otherwise idle), and reported
+    # first. A daemon thread: bad input found meanwhile is reported at once, not after hashing every file.
     done: list = []
 
     def integrity() -> None:
@@ -259,15 +249,31 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             done.append(exc)
 
-    thread = threading.Thread(target=integrity, name="deepfuse-integrity", daemon=True)
-    thread.start()
-    report.add(Check("integrity", "skip", "not finished"))
+    thread = None
+    if manifest is not None:
+        thread = threading.Thread(target=integrity, name="deepfuse-integrity", daemon=True)
+        thread.start()
+        report.add(Check("integrity", "skip", "not finished"))
+    else:
+        report.add(Check("integrity", "skip", f"no {MANIFEST_NAME} in {fused}: written by another tool"))
+    _versions(report)
     _against_sources(fused, opts, manifest, report)
-    thread.join()
-    if isinstance(done[0], BaseException):
-        raise done[0]
-    report.checks[0] = done[0]
+    if thread is not None:
+        thread.join()
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        report.checks[0] = done[0]
     return report
+
+
+def _versions(report: Report) -> None:
+    report.meta.update({"deepfuse_version": __version__, "torch": torch.__version__, "python": platform.python_version()})
+    try:
+        import transformers
+
+        report.meta["transformers"] = transformers.__version__
+    except ImportError:
+        report.meta["transformers"] = None
 
 
 def _against_sources(fused: Path, opts: VerifyOptions, manifest: Manifest | None, report: Report) -> Report:
