@@ -95,7 +95,6 @@ def test_peak_memory_is_independent_of_depth(tmp_path):
         out = tmp_path / f"out{layers}"
         cli("self-fuse", tmp_path / f"src{layers}", "--times", "2", "-o", out, "-q")
         runs[layers] = verify_peak(out)
-        print(layers, runs[layers]["peak"] / MiB)
         assert runs[layers]["passed"], runs[layers]
         assert runs[layers]["checks"]["function: logits vs source"] == "pass"
         assert runs[layers]["meta"]["function_loading"] == {"sources": "streamed", "fused": "streamed"}
