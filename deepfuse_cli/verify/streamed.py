@@ -64,7 +64,16 @@ class ModelClass:
     inputs: str  # "causal" (input ids) or "seq2seq" (encoder and decoder ids)
 
 
+#: the thread importing the runtime ahead (:func:`prepare_runtime`): waited for before any other use of
+#: transformers, so that two threads never import its modules at once
+_PREPARING: list[threading.Thread] = []
+
+
 def _transformers():
+    for thread in list(_PREPARING):
+        if thread is not threading.current_thread():
+            thread.join()
+            _PREPARING.remove(thread)
     try:
         import transformers
     except ImportError:
@@ -88,7 +97,9 @@ def prepare_runtime(config: dict[str, Any]) -> None:
         except Exception:  # noqa: BLE001, S110 - only a head start: the function check reports any error
             pass
 
-    threading.Thread(target=imports, name="deepfuse-runtime-imports", daemon=True).start()
+    thread = threading.Thread(target=imports, name="deepfuse-runtime-imports", daemon=True)
+    _PREPARING.append(thread)
+    thread.start()
 
 
 def config_object(config: dict[str, Any]):
