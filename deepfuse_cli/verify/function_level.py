@@ -182,7 +182,9 @@ def _hf_forward(view: ModelView, cls: ModelClass, inputs: dict[str, torch.Tensor
     """Logits and hidden states (fp32) of the model ``view`` holds, one layer's weights at a time; when
     transformers converts some tensors while loading (not a renaming), the whole model from its directory."""
     try:
-        logits, hidden, held = run_streamed(cls, view.weights, inputs["input_ids"], inputs.get("decoder_input_ids"), groups)
+        encoder = {k: inputs[k] for k in ("attention_mask", "token_type_ids")} if cls.inputs == "encoder" else None
+        logits, hidden, held = run_streamed(cls, view.weights, inputs["input_ids"], inputs.get("decoder_input_ids"), groups,
+                                            encoder)
         if bool(torch.isfinite(logits).all()) or view.directory is None:
             return logits, hidden, {"loading": "streamed", "weight_bytes_held": held}
         why = "the streamed forward gave non-finite logits (a weight used outside its module's forward?)"
@@ -215,7 +217,7 @@ def _whole_forward(path: Path, cls: ModelClass, inputs: dict[str, torch.Tensor],
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
                         output_hidden_states=True)
             hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
-        elif runtime.inputs == "encoder":
+        elif cls.inputs == "encoder":
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                         token_type_ids=inputs["token_type_ids"], output_hidden_states=True)
             hidden = list(out.hidden_states)

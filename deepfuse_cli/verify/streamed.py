@@ -61,7 +61,7 @@ class ModelClass:
 
     cls: Any
     name: str
-    inputs: str  # "causal" (input ids) or "seq2seq" (encoder and decoder ids)
+    inputs: str  # "causal" (input ids), "seq2seq" (encoder and decoder ids) or "encoder" (ids, mask, token types)
 
 
 #: the thread importing the runtime ahead (:func:`prepare_runtime`): waited for before any other use of
@@ -371,21 +371,26 @@ class StreamedModel:
         self._banks = banks
         return [hooks(i, unit, slots) for i, (unit, slots) in enumerate(units)]
 
-    def forward(self, inputs: str, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None):
+    def forward(self, inputs: str, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None,
+                encoder_inputs: dict[str, torch.Tensor] | None = None):
         """Logits and hidden states (fp32) of the probes. Computed on one thread (a few probe tokens: more
         threads only contend), while the next unit's weights are read on another."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._forward(inputs, input_ids, decoder_input_ids)
+            return self._forward(inputs, input_ids, decoder_input_ids, encoder_inputs or {})
         finally:
             torch.set_num_threads(threads)
 
-    def _forward(self, inputs: str, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None):
+    def _forward(self, inputs: str, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None,
+                 encoder_inputs: dict[str, torch.Tensor]):
         with torch.no_grad():
             if inputs == "seq2seq":
                 out = self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, output_hidden_states=True)
                 hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
+            elif inputs == "encoder":  # BERT-like: an attention mask with padding, token types
+                out = self.model(input_ids=input_ids, output_hidden_states=True, **encoder_inputs)
+                hidden = list(out.hidden_states)
             else:
                 out = self.model(input_ids=input_ids, output_hidden_states=True)
                 hidden = list(out.hidden_states)
@@ -434,11 +439,12 @@ def _non_persistent_buffers(model: nn.Module):
 
 
 def run_streamed(cls: ModelClass, weights: Weights, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None,
-                 groups: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+                 groups: list[int] | None = None, encoder_inputs: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """The probes through the model of ``weights``: logits, hidden states, the most weight bytes held at once."""
     model = StreamedModel(cls, weights, groups)
     try:
-        logits, hidden = model.forward(cls.inputs, input_ids, decoder_input_ids)
+        logits, hidden = model.forward(cls.inputs, input_ids, decoder_input_ids, encoder_inputs)
         return logits, hidden, model.loaded_bytes
     finally:
         model.close()
