@@ -8,7 +8,11 @@ peak RSS, as ``bench_fuse.py`` measures them):
   2. ``deepfuse verify OUT``: integrity, tensor level and function level, as CI runs it,
   3. the tensor level alone: ``run_verify`` without the function check (integrity, plan, tensors),
      which also reports the seconds spent in the tensor-level check itself,
-  4. Python start-up with deepfuse's imports (a floor under every row).
+  4. Python start-up with deepfuse's imports (a floor under every row), and with the transformers model
+     code the function check imports (a floor under the verify row: seconds of Python, whatever the size).
+
+The function check runs each model in fp32 with one layer's weights in memory at a time (the next layer
+read ahead on a second thread), so its peak RSS does not grow with depth.
 
     python benchmarks/bench_verify.py --quick          # ~40 MB source, about a minute
     python benchmarks/bench_verify.py --size-gb 1      # the issue's checkpoint (~0.9 GB in, ~3.2 GB out)
@@ -51,6 +55,11 @@ sys.exit(0 if report.passed else 1)
 '''
 
 
+#: what the function check imports before it can build a model: a floor under the verify row
+RUNTIME_IMPORTS = ("import deepfuse_cli.verify.run\nfrom transformers import LlamaConfig, LlamaForCausalLM, initialization\n"
+                   "from transformers.conversion_mapping import get_model_conversion_mapping")
+
+
 def main() -> None:
     ap = common_args(__doc__, 1.0, "a ~40 MB source: finishes in about a minute")
     ap.add_argument("--noise-scale", type=float, default=0.0,
@@ -77,6 +86,8 @@ def main() -> None:
         tensor_level = json.loads(timing.read_text())
         rows.append(("(startup: python + imports, no work)",
                      *best_of([sys.executable, "-c", "import deepfuse_cli.verify.run"], args.repeat)))
+        rows.append(("(startup + transformers' Llama model code)",
+                     *best_of([sys.executable, "-c", RUNTIME_IMPORTS], args.repeat)))
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, "
               f"python {platform.python_version()}; load average (1 min) {os.getloadavg()[0]:.2f}")

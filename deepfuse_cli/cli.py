@@ -488,7 +488,7 @@ def verify(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (plot as PNG beside it).")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one test case per check).")] = None,
     integrity_only: Annotated[bool, typer.Option("--integrity-only", help="Only check the manifest's file digests (no sources).")] = False,
-    function: Annotated[bool, typer.Option("--function/--no-function", help="Run the function-level check (--no-function: integrity and tensor level only; the report says the function check was skipped).")] = True,
+    function: Annotated[bool, typer.Option("--function/--no-function", help="Run the function-level check, in fp32, one layer in memory at a time (--no-function: integrity and tensor level only; the report says the function check was skipped). When no runtime can load the model, verify does not pass (exit 1) unless --no-function is given.")] = True,
     as_json: JsonOpt = False,
 ):
     """Prove FUSED computes the fusion of its sources: integrity, tensor level, function level.
@@ -545,6 +545,10 @@ def _emit_verify(result, report: Path | None, markdown: Path | None, junit: Path
         out.print(table)
     if not result.passed:
         bad = result.first_failure
+        if bad.unverified:  # nothing failed, but a needed check could not run: not a pass
+            raise VerificationFailed(f"{result.fused}: {bad.name}: {bad.message}",
+                                     "install a runtime that loads the model (pip install 'deepfuse[verify]'), "
+                                     "or pass --no-function to accept the tensor level alone")
         raise VerificationFailed(f"{result.fused}: {bad.name}: {bad.message}",
                                  "the checkpoint is not the fusion it claims to be; re-run the fusion")
 

@@ -128,13 +128,16 @@ def test_every_other_head_is_claimed_and_self_fuses(cls_name, tmp_path):
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5 * max(1.0, float(a[key].abs().max())))
     if "pooler_output" in a and a["pooler_output"] is not None:
         torch.testing.assert_close(b.pooler_output, torch.cat([a.pooler_output] * 2, -1), rtol=0, atol=1e-6)
-    if cls_name in ("BertModel", "RobertaForTokenClassification"):
+    if cls_name == "BertModel":  # no head the function check runs: never a silent pass
+        out = cli("verify", tmp_path / "x2", "--probes", "2", "--seq-len", "6", expect=1)
+        assert "BertModel, which has no single logits output" in out and "--no-function" in out
+        report = json.loads(cli("verify", tmp_path / "x2", "--json", "--no-function"))
+        checks = {c["name"]: c["status"] for c in report["checks"]}
+        assert report["passed"] and checks["tensors: decomposition"] == "pass", checks
+    elif cls_name == "RobertaForTokenClassification":
         checks = verify_checks(tmp_path / "x2")
         assert checks["tensors: decomposition"] == "pass", checks
-        if cls_name == "BertModel":
-            assert checks["function"] == "skip"  # no head the function check runs: tensor level only
-        else:
-            assert checks["function: logits vs source"] == "pass", checks
+        assert checks["function: logits vs source"] == "pass", checks
 
 
 # -- the tied masked-LM head ---------------------------------------------------------------------------

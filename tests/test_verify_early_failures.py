@@ -187,7 +187,7 @@ def test_runtime_refusing_a_source_is_bad_input(fused, monkeypatch):
     """The sources are input: a source the runtime cannot run is exit 2, one line naming it."""
     from deepfuse_cli.verify import function_level
 
-    def refuse(path, *args):
+    def refuse(view, *args):
         raise ValueError("this runtime does not\nload it")
 
     monkeypatch.setattr(function_level, "_hf_forward", refuse)
@@ -245,9 +245,9 @@ def test_text_probes_are_the_texts_tokens(fused, tmp_path, monkeypatch):
     seen = []
     real = function_level._hf_forward
 
-    def spy(path, runtime, inputs, groups):
+    def spy(view, cls, inputs, groups):
         seen.append(inputs["input_ids"].clone())
-        return real(path, runtime, inputs, groups)
+        return real(view, cls, inputs, groups)
 
     monkeypatch.setattr(function_level, "_hf_forward", spy)
     sample = tmp_path / "short.txt"

@@ -1,11 +1,16 @@
 """Function-level verification: probes through the sources and the fused model.
 
 Hugging Face families run in transformers (the runtime users train with; ``deepfuse[verify]``),
-the MLP family in its built-in forward. One model is in memory at a time: each source's logits and
-hidden states are kept, the model dropped, then the fused model runs. Probes are seeded random token
-ids, or a text file's tokens (``--text``, the source's own tokenizer). A fused model the runtime
-refuses or cannot run (a config it rejects, missing keys, shapes that do not match) is a failed check
-with one line saying why, never a traceback.
+streamed (:mod:`.streamed`): the model built without weights, each layer's weights read from the
+checkpoint in fp32 just before it runs and dropped after, so memory is a layer's, whatever the depth,
+and half-precision checkpoints are computed in fp32 (held to the fp32 tolerance when their storage is
+exact, :func:`function_tol`). T5X/Orbax checkpoints are read through their conversion, tensor by
+tensor, with no files written. The MLP family runs in its built-in forward. Each source's logits and
+hidden states are kept (probes x seq x width, small), then the fused model runs. Probes are seeded
+random token ids, or a text file's tokens (``--text``, the source's own tokenizer). A fused model the
+runtime refuses or cannot run (a config it rejects, missing keys, shapes that do not match) is a failed
+check with one line saying why, never a traceback; a model no runtime can build is a skipped check
+that keeps the verification from passing.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import codecs
 import gc
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,8 @@ from ..errors import DeepfuseError, InputError
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
 from ..rules.expr import evaluate
-from ..rules.schema import RuntimeSpec
 from .report import Check, Report
+from .streamed import ModelClass, NeedsConversion, NoRuntime, RuntimeRefused, Weights, model_class, run_streamed
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -35,8 +39,13 @@ if TYPE_CHECKING:
 HALF = (torch.float16, torch.bfloat16)
 
 
+#: the function check's tolerance, relative to the logit scale, in exact modes (the forward runs in fp32)
+FP32_TOL = 1e-5
+
+
 def default_tol(dtype: torch.dtype) -> float:
-    return {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(dtype, 1e-5)
+    """The tolerance for fused weights rounded to ``dtype`` (see :func:`function_tol`)."""
+    return {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(dtype, FP32_TOL)
 
 
 Outputs = tuple[torch.Tensor, list[torch.Tensor]]
@@ -46,11 +55,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt")
 #: the most of a ``--text`` file read: far more text than the most probe tokens verify runs
 MAX_TEXT_BYTES = 1 << 20
-
-
-class RuntimeRefused(Exception):
-    """The runtime built the model, but the weights do not fit it (missing, unexpected or mismatched keys);
-    the message says which, in one line."""
 
 
 @dataclass(frozen=True)
@@ -174,16 +178,40 @@ def _loading_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
-def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor], groups: list[int] | None,
+def _hf_forward(view: ModelView, cls: ModelClass, inputs: dict[str, torch.Tensor], groups: list[int] | None,
                 *, role_groups: dict[str, list[int]] | None = None) -> Outputs:
+    """Logits and hidden states (fp32) of the model ``view`` holds, one layer's weights at a time; when
+    transformers converts some tensors while loading (not a renaming), the whole model from its directory.
+    ``role_groups`` (given when grouped norms need more than the hidden groups: norms over other widths,
+    per-head norm scales beside the weights): the whole model from its directory, where they are found."""
+    if groups and role_groups is not None and view.directory is not None:
+        logits, hidden = _whole_forward(view.directory, cls, inputs, groups, role_groups=role_groups)
+        return logits, hidden, {"loading": "whole model", "why": "grouped norms over other widths or per head"}
+    try:
+        encoder = {k: inputs[k] for k in ("attention_mask", "token_type_ids")} if cls.inputs == "encoder" else None
+        logits, hidden, held = run_streamed(cls, view.weights, inputs["input_ids"], inputs.get("decoder_input_ids"), groups,
+                                            encoder)
+        if bool(torch.isfinite(logits).all()) or view.directory is None:
+            return logits, hidden, {"loading": "streamed", "weight_bytes_held": held}
+        why = "the streamed forward gave non-finite logits (a weight used outside its module's forward?)"
+    except NeedsConversion as exc:
+        if view.directory is None:
+            raise
+        why = str(exc)
+    logits, hidden = _whole_forward(view.directory, cls, inputs, groups)
+    return logits, hidden, {"loading": "whole model", "why": why}
+
+
+def _whole_forward(path: Path, cls: ModelClass, inputs: dict[str, torch.Tensor], groups: list[int] | None,
+                   *, role_groups: dict[str, list[int]] | None = None):
     import transformers
 
     from ..grouped_norm import apply_grouped_norms
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cls = getattr(transformers, runtime.model_class)
-    model, info = cls.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True)
+    model, info = cls.cls.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True,
+                                          dtype=torch.float32)
     problems = _loading_problems(info)
     if problems:
         del model
@@ -192,11 +220,11 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
     if groups:
         apply_grouped_norms(model, groups, role_groups=role_groups)
     with torch.no_grad():
-        if runtime.inputs == "seq2seq":
+        if cls.inputs == "seq2seq":
             out = model(input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
                         output_hidden_states=True)
             hidden = list(out.encoder_hidden_states) + list(out.decoder_hidden_states)
-        elif runtime.inputs == "encoder":
+        elif cls.inputs == "encoder":
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                         token_type_ids=inputs["token_type_ids"], output_hidden_states=True)
             hidden = list(out.hidden_states)
@@ -209,13 +237,10 @@ def _hf_forward(path: Path, runtime: RuntimeSpec, inputs: dict[str, torch.Tensor
     return result
 
 
-def _builtin_forward(family: Family, path: Path, config: dict, inputs: dict[str, torch.Tensor]) -> Outputs:
-    from ..sources import open_source
-
-    ck = open_source(path)
-    tensors = {n: r.load().float() for n, r in ck.tensors.items()}
-    logits, hidden = family.hooks.forward(tensors, config, inputs["features"])
-    return logits, hidden
+def _builtin_forward(family: Family, view: ModelView, inputs: dict[str, torch.Tensor]) -> Outputs:
+    tensors = {n: r.load().float() for n, r in view.weights.tensors.items()}
+    logits, hidden = family.hooks.forward(tensors, view.weights.config, inputs["features"])
+    return logits, hidden, {"loading": "whole model (built-in forward)"}
 
 
 def metrics(fused: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
@@ -244,69 +269,116 @@ def _layers(fused_hidden: list[torch.Tensor], sources: list[Outputs]) -> list[di
     return rows
 
 
-#: ``view(checkpoint, workdir) -> directory``: a Hugging Face directory computing what the checkpoint
-#: computes (itself, or a T5X/Orbax checkpoint converted); given by the command that runs the checks.
-HFView = Callable[[Checkpoint, Path], Path]
+@dataclass(frozen=True)
+class ModelView:
+    """A checkpoint as the runtime sees it: its config.json and its tensors by Hugging Face names (a
+    T5X/Orbax checkpoint's converted one at a time as they are read), and the directory transformers
+    could load it from whole, if there is one."""
+
+    weights: Weights
+    directory: Path | None = None
 
 
-def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, hf_view: HFView, probes: int, seq_len: int,
+#: ``view(checkpoint, config)``: the :class:`ModelView` of a checkpoint (``config`` for one without its
+#: own config.json, e.g. a bare fused weights file); given by the command that runs the checks.
+ViewOf = Callable[[Checkpoint, "dict | None"], ModelView]
+
+
+def _dyadic(x: float) -> bool:
+    """``x`` is 0 or a power of two: scaling by it is exact in any floating-point dtype."""
+    return x == 0 or math.frexp(abs(x))[0] == 0.5
+
+
+def function_tol(plan: Plan) -> tuple[float, str]:
+    """The default tolerance of the function check and why. The forward runs in fp32 whatever the
+    storage dtype (weights upcast as they are read), so exact modes are held to fp32's 1e-5 of the logit
+    scale, unless storing the fused tensors in a half dtype rounded them: some factor the fusion scales
+    by (a weight, an output scale) is not a power of two, or off-diagonal noise was added."""
+    half = sorted({str(e.dtype).removeprefix("torch.") for e in plan.entries if e.dtype in HALF})
+    if not half:
+        return FP32_TOL, "fp32 forward"
+    narrowed = next((e for e in plan.entries if e.dtype in HALF and any(d != e.dtype for d in e.source_dtypes)), None)
+    factors = [*plan.options.weights, *(x for e in plan.entries if e.dtype in HALF for x in (e.scales or ()))]
+    inexact = [x for x in factors if not _dyadic(x)]
+    if not inexact and not plan.options.noisy and narrowed is None:
+        return FP32_TOL, (f"fp32 forward; {'/'.join(half)} storage is exact (sources stored alike, every scale "
+                          "factor a power of two)")
+    if narrowed is not None:
+        why = (f"{narrowed.name} stored as {str(narrowed.dtype).removeprefix('torch.')}, its sources as "
+               f"{', '.join(sorted({str(d).removeprefix('torch.') for d in narrowed.source_dtypes}))}")
+    else:
+        why = f"factor {inexact[0]:g} is not a power of two" if inexact else "off-diagonal noise"
+    dtype = next(e.dtype for e in plan.entries if e.dtype in HALF)
+    return default_tol(dtype), f"fp32 forward of {'/'.join(half)} weights rounded by the fusion ({why})"
+
+
+def verify_function(plan: Plan, fused: Checkpoint, report: Report, *, view_of: ViewOf, probes: int, seq_len: int,
                     seed: int, tol: float | None, strict: bool, tokens: TextTokens | None = None) -> list[Check]:
-    with tempfile.TemporaryDirectory(prefix="deepfuse-verify-") as work:
-        return _verify_function(plan, fused, report, Path(work), hf_view, probes=probes, seq_len=seq_len, seed=seed,
-                                tol=tol, strict=strict, tokens=tokens)
-
-
-def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, hf_view: HFView, *, probes: int,
-                     seq_len: int, seed: int, tol: float | None, strict: bool,
-                     tokens: TextTokens | None) -> list[Check]:
+    """The function check: probes through each source and the fused model (fp32, streamed layer by layer)."""
     family = plan.family
     runtime = family.preset.runtime
-    config = plan.config or {}
     builtin = runtime is not None and runtime.model_class == "builtin"
-    first = plan.sources[0]
-    if not for_checkpoint(first).runtime_loadable(first):
-        return [Check("function", "skip", f"{first.path} ({first.format}) is not a directory a runtime loads; "
-                      "tensor level only")]
-    if runtime is None:
-        return [Check("function", "skip", f"rules {plan.preset.name!r} name no runtime to run the model in; "
-                      "tensor level only")]
-    if not config:
-        return [Check("function", "skip", f"{plan.preset.name} sources without config.json; tensor level only")]
-    if runtime.unsupported_head(config) is not None:
-        return [Check("function", "skip", f"config.json names {runtime.unsupported_head(config)}; the function check "
-                      f"runs {', '.join(runtime.heads)}; tensor level only")]
-    if not builtin:
+    fused_config = fused.config or plan.output_config
+    if builtin:
+        cls = None
+        runner = "the built-in forward"
+        config = plan.config or {}
+        if not config:
+            return [unverified(f"{plan.preset.name} sources without config.json")]
+    else:
+        first = view_of(plan.sources[0], None).weights.config
+        if not first:
+            return [unverified(f"source {plan.sources[0].path} has no config.json to build its model from")]
+        if not fused_config:
+            return [unverified(f"{fused.path} has no config.json to build the fused model from")]
         try:
-            import transformers  # noqa: F401
-        except ImportError:
-            return [Check("function", "skip", "transformers is not installed: pip install 'deepfuse[verify]'")]
-    dtype = plan.entries[0].dtype if plan.entries else torch.float32
-    tol = tol if tol is not None else default_tol(dtype)
-    max_length = evaluate(runtime.max_length, family.view(config)) if runtime.max_length else None
-    max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0 else None
+            if runtime is not None and runtime.unsupported_head(fused_config) is not None:
+                return [unverified(f"config.json names {runtime.unsupported_head(fused_config)}, which has no single "
+                                   f"logits output; the function check runs {', '.join(runtime.heads)}")]
+            cls = model_class(first, runtime.class_for(fused_config) if runtime else None,
+                              runtime.inputs if runtime else None)
+        except NoRuntime as exc:
+            return [unverified(str(exc))]
+        except Exception as exc:  # noqa: BLE001 - a config the runtime rejects: the source is bad input
+            raise InputError(f"source {plan.sources[0].path}: transformers cannot read its config: {_describe(exc)}",
+                             "verify against sources the runtime loads, or with --no-function") from None
+        runner = f"transformers {cls.name}"
+        config = first
+    dtype_tol, tol_reason = function_tol(plan)
+    if tol is None:
+        tol = dtype_tol
+    else:
+        tol_reason = "--tol"
+    max_length = evaluate(runtime.max_length, family.view(config)) if runtime and runtime.max_length else None
+    max_length = max_length if type(max_length) is int and max_length > 0 else None
     inputs, made = _probe_inputs(config, probes, seq_len, seed, tokens, max_length)
     report.meta.update({"probes": int(inputs["input_ids"].shape[0]), "seq_len": int(inputs["input_ids"].shape[1]),
-                        "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol})
-    runner = "the built-in forward" if builtin else f"transformers {runtime.class_for(config)}"
+                        "probe_seed": seed if tokens is None else None, "probe_inputs": made, "tol": tol,
+                        "tol_reason": tol_reason, "function_runtime": runner, "function_dtype": "float32"})
 
-    def run(path: Path, cfg: dict, groups: list[int] | None = None) -> Outputs:
+    def run(view: ModelView, groups: list[int] | None = None) -> Outputs:
         if builtin:
-            return _builtin_forward(family, path, cfg, inputs)
-        head = runtime.class_for(cfg)  # the family's head this checkpoint's config.json names
-        # norms over other widths than the hidden size (OLMo 2's k_norm under GQA) take their own groups
-        roles = {r: g for r, g in plan.norm_role_groups.items() if r != "hidden"} if groups else {}
-        return _hf_forward(path, runtime if head == runtime.model_class else
-                           runtime.model_copy(update={"model_class": head}), inputs, groups,
-                           **({"role_groups": roles} if roles else {}))
+            return _builtin_forward(family, view, inputs)
+        if groups and (plan.writes_head_norms or any(r != "hidden" for r in plan.norm_role_groups)):
+            # norms over other widths than the hidden size (OLMo 2's k_norm under GQA) take their own groups
+            roles = {r: g for r, g in plan.norm_role_groups.items() if r != "hidden"}
+            return _hf_forward(view, cls, inputs, groups, role_groups=roles)
+        return _hf_forward(view, cls, inputs, groups)
 
-    viewed: list[Path] = []
+    loading: dict[str, Any] = {}
+    held = [0]
+
+    def note(label: str, how: dict[str, Any]) -> None:
+        loading.setdefault(label, how.get("loading"))
+        held[0] = max(held[0], how.get("weight_bytes_held", 0))
+        report.meta.update({"function_loading": loading, "function_weight_bytes_held": held[0]})
 
     def run_fused(groups: list[int] | None) -> Outputs | Check:
         """The fused model's outputs, or a failed check saying in one line why the runtime cannot give them."""
         try:
-            if not viewed:
-                viewed.append(hf_view(fused, work))
-            return run(viewed[0], config, groups)
+            logits, hidden, how = run(view_of(fused, fused_config), groups)
+            note("fused", how)
+            return logits, hidden
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - anything the runtime raises on the fused model fails it
@@ -320,18 +392,33 @@ def _verify_function(plan: Plan, fused: Checkpoint, report: Report, work: Path, 
         key = f"{ck.path}@{ck.metadata.get('step')}"
         if key not in unique:
             try:
-                unique[key] = run(hf_view(ck, work), ck.config or {})
+                logits, hidden, how = run(view_of(ck, None))
+                note("sources", how)
+                unique[key] = logits, hidden
             except (MemoryError, DeepfuseError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a source the runtime refuses is bad input, not a failure
                 raise InputError(f"source {ck.path}: {runner} cannot load or run it: {_describe(exc)}",
                                  "verify against sources the runtime loads, or with --no-function") from None
         outs.append(unique[key])
+    return _judge(plan, report, outs, len(unique), run_fused, builtin=builtin, tol=tol, strict=strict)
+
+
+def unverified(reason: str) -> Check:
+    """The function check not run for want of a runtime: reported, and the verification does not pass
+    (never a silent pass without a function check; ``--no-function`` asks for that explicitly)."""
+    return Check("function", "skip", f"{reason}: the function was not checked (tensor level only; pass "
+                 "--no-function to accept that)", {"reason": reason}, unverified=True)
+
+
+def _judge(plan: Plan, report: Report, outs: list[Outputs], n_unique: int, run_fused, *, builtin: bool, tol: float,
+           strict: bool) -> list[Check]:
+    n = plan.n
     w = plan.options.weights
     expected = sum(w[m] * outs[m][0] for m in range(n))
 
     opts = plan.options
-    same = plan.options.self_fusion or len(unique) == 1
+    same = plan.options.self_fusion or n_unique == 1
     noise_exact = not opts.noisy or (opts.noise_mode == "preserving" and same)
     norms_exact = opts.norm == "prop" or same
     family_exact = same or not plan.deviations  # the family's own runtime (e.g. Gemma 2's final logit softcap)

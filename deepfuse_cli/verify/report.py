@@ -37,6 +37,7 @@ class Check:
     message: str
     figures: dict[str, Any] = field(default_factory=dict)
     blocked_by: str | None = None  # a skipped check: the failed check it needed
+    unverified: bool = False  # a skipped check that was needed (no runtime for the function): not a pass
 
 
 def _covers(a: str, b: str) -> bool:
@@ -82,11 +83,13 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(c.status != "fail" for c in self.checks)
+        return all(c.status != "fail" and not c.unverified for c in self.checks)
 
     @property
     def first_failure(self) -> Check | None:
-        return next((c for c in self.checks if c.status == "fail"), None)
+        """The first failed check, else the first needed check that could not run."""
+        return next((c for c in self.checks if c.status == "fail"), None) or next(
+            (c for c in self.checks if c.unverified), None)
 
     def to_json(self) -> dict[str, Any]:
         failed = self.first_failure
@@ -99,11 +102,11 @@ class Report:
 
     def write_junit(self, path: Path) -> None:
         suite = ET.Element("testsuite", name="deepfuse-verify", tests=str(len(self.checks)),
-                           failures=str(sum(c.status == "fail" for c in self.checks)),
-                           skipped=str(sum(c.status == "skip" for c in self.checks)))
+                           failures=str(sum(c.status == "fail" or c.unverified for c in self.checks)),
+                           skipped=str(sum(c.status == "skip" and not c.unverified for c in self.checks)))
         for c in self.checks:
             case = ET.SubElement(suite, "testcase", classname="deepfuse.verify", name=c.name)
-            if c.status == "fail":
+            if c.status == "fail" or c.unverified:
                 ET.SubElement(case, "failure", message=c.message).text = json.dumps(c.figures, default=str)
             elif c.status == "skip":
                 ET.SubElement(case, "skipped", message=c.message)
@@ -118,8 +121,11 @@ class Report:
         path = Path(path)
         lines = [f"# deepfuse verify: {'PASS' if self.passed else 'FAIL'}", "",
                  f"Fused checkpoint: `{self.fused}`", "", "Sources: " + ", ".join(f"`{s}`" for s in self.sources), ""]
-        if self.first_failure is not None:
-            lines += [f"Failed: `{self.first_failure.name}` (the checks that need it are skipped)", ""]
+        failed = self.first_failure
+        if failed is not None and failed.unverified:
+            lines += [f"Not verified: `{failed.name}` could not run ({failed.message})", ""]
+        elif failed is not None:
+            lines += [f"Failed: `{failed.name}` (the checks that need it are skipped)", ""]
         lines += ["| check | status | message |", "|---|---|---|"]
         for c in self.checks:
             lines.append(f"| {c.name} | {c.status} | {c.message.replace('|', '/')} |")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
-import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -15,8 +16,8 @@ from ..errors import DeepfuseError, InputError, UsageError
 from ..formats.files import sha256_file
 from ..formats.hf import MANIFEST_NAME
 from ..formats.registry import HUGGING_FACE, for_checkpoint
-from ..fuse import write_plan
-from ..ir import Checkpoint
+from ..compute import compute_tensor
+from ..ir import Checkpoint, TensorRef
 from ..manifest import Manifest
 from ..options import FuseOptions, OptionError, Options
 from ..plan import MAX_COPIES, Plan, build_plan, conversion_preset
@@ -26,8 +27,9 @@ from ..rules.schema import Preset
 from ..formats.objstore import fetch_checkpoint, is_url, parse_url
 from ..sources import open_source
 from ..untrusted import resolve, resolves_inside
-from .function_level import TextTokens, tokenize_text, verify_function
+from .function_level import ModelView, TextTokens, tokenize_text, verify_function
 from .report import Check, Report
+from .streamed import Weights, prepare_runtime
 from .tensor_level import verify_tensors
 
 
@@ -209,15 +211,27 @@ def _check_source_digests(manifest: Manifest, sources) -> None:
                                  "pass the original sources with --sources")
 
 
-def hf_view(ck: Checkpoint, workdir: Path) -> Path:
-    """A Hugging Face directory computing what ``ck`` computes: itself, or a T5X/Orbax checkpoint
-    converted (the runtime loads Hugging Face directories)."""
+def model_view(ck: Checkpoint, config: dict | None = None) -> ModelView:
+    """What the runtime runs for ``ck``: its tensors by Hugging Face names, read one at a time; a
+    T5X/Orbax checkpoint's through its conversion (each tensor converted as it is read, no files
+    written). ``config`` stands in for a checkpoint without config.json (a bare fused weights file)."""
     if for_checkpoint(ck) is HUGGING_FACE:
-        return ck.path
+        whole = ck.path if ck.path.is_dir() and ck.config else None
+        return ModelView(Weights(ck.config or config or {}, ck.tensors), whole)
     plan = build_plan([ck], FuseOptions(weights=(1.0,), convert_only=True, output_format=HUGGING_FACE.name))
-    dest = Path(tempfile.mkdtemp(prefix="hf-view-", dir=workdir)) / "model"
-    write_plan(plan, dest)
-    return dest
+    conversion = plan.conversion
+    refs = {}
+    for entry in plan.entries:
+        if entry.name in conversion.drop:
+            continue
+        name = conversion.out_name(entry.name)
+        refs[name] = TensorRef(name, conversion.out_shape(entry.name, entry.shape), entry.dtype,
+                               loader=functools.partial(_converted, plan, entry), source=str(ck.path))
+    return ModelView(Weights(plan.output_config or {}, refs))
+
+
+def _converted(plan: Plan, entry) -> torch.Tensor:
+    return plan.conversion.apply(entry.name, compute_tensor(plan, entry))[1]
 
 
 def run_verify(fused: Path, opts: VerifyOptions) -> Report:
@@ -229,6 +243,42 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
         raise InputError(f"{fused}: no such file or directory")
     manifest = read_manifest(fused)
     report = Report(fused=str(url or fused), sources=[])
+    if manifest is not None and opts.integrity_only:
+        report.add(check_integrity(fused, manifest))
+        _versions(report)
+        return report
+    if manifest is None and opts.integrity_only:
+        raise InputError(f"{fused}: no {MANIFEST_NAME} manifest, so there are no recorded digests to check",
+                         "verify against the sources with --sources")
+    # The digests are computed on a thread of their own, from the start, while everything else runs
+    # (hashing releases the interpreter; the machine's second core would otherwise idle), and reported
+    # first. A daemon thread: bad input found meanwhile is reported at once, not after hashing every file.
+    done: list = []
+
+    def integrity() -> None:
+        try:
+            done.append(check_integrity(fused, manifest))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            done.append(exc)
+
+    thread = None
+    if manifest is not None:
+        thread = threading.Thread(target=integrity, name="deepfuse-integrity", daemon=True)
+        thread.start()
+        report.add(Check("integrity", "skip", "not finished"))
+    else:
+        report.add(Check("integrity", "skip", f"no {MANIFEST_NAME} in {fused}: written by another tool"))
+    _versions(report)
+    _against_sources(fused, opts, manifest, report)
+    if thread is not None:
+        thread.join()
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        report.checks[0] = done[0]
+    return report
+
+
+def _versions(report: Report) -> None:
     report.meta.update({"deepfuse_version": __version__, "torch": torch.__version__, "python": platform.python_version()})
     try:
         import transformers
@@ -237,16 +287,9 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
     except ImportError:
         report.meta["transformers"] = None
 
-    if manifest is not None:
-        report.add(check_integrity(fused, manifest))
-    elif opts.integrity_only:
-        raise InputError(f"{fused}: no {MANIFEST_NAME} manifest, so there are no recorded digests to check",
-                         "verify against the sources with --sources")
-    else:
-        report.add(Check("integrity", "skip", f"no {MANIFEST_NAME} in {fused}: written by another tool"))
-    if opts.integrity_only:
-        return report
 
+def _against_sources(fused: Path, opts: VerifyOptions, manifest: Manifest | None, report: Report) -> Report:
+    """Every check but integrity: the sources resolved, the plan made again, tensors, config, function."""
     # sources: --sources overrides the manifest
     if opts.sources:
         paths = list(opts.sources)
@@ -296,14 +339,16 @@ def run_verify(fused: Path, opts: VerifyOptions) -> Report:
 
     tokens = _text_tokens(opts, plan, fused) if opts.text is not None else None  # refused before any work
 
+    skipped = _function_not_run(plan, fused, opts, options)  # for a reason of its own, whatever else failed
+    if skipped is None and not plan.options.convert_only:
+        prepare_runtime(plan.config or {})  # the runtime's imports, while the tensor level runs
     fused_ck = _open_fused(fused, report)
     report.run("tensors", lambda: verify_tensors(plan, fused_ck, opts.strict, None))
     report.run("config", lambda: [check_config(plan, fused_ck, use_manifest_options)])
-    skipped = _function_not_run(plan, fused, opts, options)  # for a reason of its own, whatever else failed
     if skipped is not None:
         report.add(skipped)
     elif not plan.options.convert_only:  # a conversion's function is its source's: the tensor level proves it
-        report.run("function", lambda: verify_function(plan, fused_ck, report, hf_view=hf_view, probes=opts.probes,
+        report.run("function", lambda: verify_function(plan, fused_ck, report, view_of=model_view, probes=opts.probes,
                                                        seq_len=opts.seq_len, seed=opts.seed, tol=opts.tol,
                                                        strict=opts.strict, tokens=tokens))
     return report
@@ -315,6 +360,4 @@ def _function_not_run(plan: Plan, fused: Path, opts: VerifyOptions, options: Fus
                      "manifest): no function to compare; tensor level only")
     if not opts.function:
         return Check("function", "skip", "not run (--no-function): integrity and tensor level only")
-    if not fused.is_dir():
-        return Check("function", "skip", f"{fused} is a bare file, not a directory a runtime loads; tensor level only")
     return None
