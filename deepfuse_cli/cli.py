@@ -628,6 +628,68 @@ def rules_check(
                         "add or fix rules (unmatched / ambiguous), or mark unused rules optional")
 
 
+@rules_app.command("infer")
+@command
+def rules_infer(
+    source: Annotated[Path, typer.Argument(help="A Hugging Face model directory (config.json) of a family no preset names.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the rules file here (default: stdout).")] = None,
+    partial: Annotated[bool, typer.Option("--partial", help="Also emit the rules when some parameters are unclassified (still exit 2).")] = False,
+    force: ForceOpt = False, as_json: JsonOpt = False,
+):
+    """Infer a rules file from the model transformers builds for SRC's config.json (meta device, no weights).
+
+    Example: deepfuse rules infer my-model/ -o my-family.json && deepfuse self-fuse my-model/ --rules my-family.json
+    """
+    from .errors import RuleError
+    from .rules.infer import infer_rules
+
+    if output is not None and output.exists() and not force:
+        raise UsageError(f"{output} exists", "pass --force to overwrite it, or choose another -o")
+    from .plan import virtualise_output
+    from .rules import RuleSet
+    from .rules.infer import Classified, template
+
+    inference = infer_rules(source)
+    preset = inference.validated()
+    rules = preset.model_dump(mode="json", exclude_defaults=True)
+    [ck] = _open_sources([str(source)], None, None)
+    refs, _ = virtualise_output(ck, 0, preset)
+    _, unmatched, _, _ = RuleSet(preset).coverage(list(refs))
+    known = {r.template for r in inference.rows}
+    for n in unmatched:
+        if (tpl := template(n)) not in known:
+            known.add(tpl)
+            inference.rows.append(Classified(tpl, "-", tuple(refs[n].shape), None, "in the files, but no parameter "
+                                             "of the model transformers builds has this name (renamed on load?)"))
+    missing = inference.unclassified
+    table = Table(title=f"{source}: {len(inference.rows) - len(missing)} of {len(inference.rows)} parameters classified")
+    for col in ("parameter", "module", "shape (probe)", "op", "axes", "why"):
+        table.add_column(col, overflow="fold")
+    for r in inference.rows:
+        op = r.rule["op"] if r.rule else Text("unclassified", style="red")
+        table.add_row(r.template, r.module, "x".join(map(str, r.shape)), op,
+                      ", ".join(r.rule["axes"]) if r.rule else "-", r.why)
+    emit = not missing or partial
+    text = json.dumps(rules, indent=2) + "\n"
+    if as_json:
+        out.print_json(json.dumps({"rules": rules if emit else None, "classified": len(inference.rows) - len(missing),
+                                   "unclassified": [{"parameter": r.template, "module": r.module, "shape": list(r.shape),
+                                                     "why": r.why} for r in missing]}))
+    else:
+        err.print(table)
+    if emit and output is not None:
+        output.write_text(text)
+        err.print(f"wrote {output}: {len(rules['rules'])} rules; review it, then check it: "
+                  f"deepfuse rules check {output} {source}", highlight=False)
+    elif emit and not as_json:
+        out.print(text, end="", highlight=False)
+    if missing:
+        first = missing[0]
+        raise RuleError(f"{source}: cannot classify {first.template} ({first.module}, {first.why}); "
+                        f"{len(missing)} parameter(s) unclassified",
+                        "write rules for them by hand (--partial emits the rest), starting from `deepfuse rules show llama --json`")
+
+
 def version_callback(value: bool):
     if value:
         out.print(f"deepfuse {__version__}")

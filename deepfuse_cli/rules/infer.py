@@ -135,7 +135,7 @@ def _role_sizes(cfg: Any, widths: dict[str, str]) -> dict[int, str]:
     return out
 
 
-def _template(name: str) -> str:
+def template(name: str) -> str:
     return LAYER_INDEX.sub(".{layer}.", name)
 
 
@@ -174,7 +174,7 @@ def _classify(model: Any, sizes: dict[int, str], vocab: int, positions: int | No
                     rule, why = {"op": "output_average", "axes": ["vocab", "hidden"]}, "output projection"
                 else:
                     why = f"output projection of shape {shape}, not [vocab, hidden]"
-            elif isinstance(module, nn.Embedding):
+            elif type(module) is nn.Embedding:  # subclasses (e.g. a scaled embedding) compute more
                 if module is in_module:
                     names["input"] = full
                 first = "vocab" if shape[0] == vocab else "positions" if positions and shape[0] == positions else None
@@ -182,13 +182,13 @@ def _classify(model: Any, sizes: dict[int, str], vocab: int, positions: int | No
                     rule, why = {"op": "concat", "axes": [first, "hidden"]}, f"{first} embedding"
                 else:
                     why = f"embedding {shape} is not [vocab or positions, hidden]"
-            elif isinstance(module, nn.Linear) and len(shape) == 2:
+            elif type(module) is nn.Linear and len(shape) == 2:
                 o, i = role(shape[0]), role(shape[1])
                 if o and i:
                     rule, why = {"op": "block_diagonal", "axes": [o, i], "input_axis": 1}, f"Linear {i} -> {o}"
                 else:
                     why = f"Linear {shape[1]} -> {shape[0]}: a width no config field gives (a fused projection?)"
-            elif isinstance(module, nn.Linear) and len(shape) == 1:
+            elif type(module) is nn.Linear and len(shape) == 1:
                 if role(shape[0]):
                     rule, why = {"op": "concat", "axes": [role(shape[0])]}, f"bias of a Linear to {role(shape[0])}"
                 else:
@@ -201,7 +201,7 @@ def _classify(model: Any, sizes: dict[int, str], vocab: int, positions: int | No
                     why = f"{kind} norm of shape {shape} (per head, or a width no config field gives)"
             else:
                 why = f"a parameter of {cls}, a module kind inference does not know"
-            tpl = _template(full)
+            tpl = template(full)
             prev = found.get(tpl)
             if prev is not None and prev[2] != rule:
                 found[tpl] = (cls, shape, None, "layers differ in how this parameter classifies")
@@ -270,7 +270,7 @@ def infer_rules(src: str | Path) -> Inference:
         probe_model, sizes, probe_vocab = model, _role_sizes(cfg, widths), vocab
     positions = config.get("max_position_embeddings") or config.get("n_positions")
     found, norms, names = _classify(probe_model, sizes, probe_vocab, positions)
-    real_names = {_template(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    real_names = {template(n) for n, _ in model.named_parameters(remove_duplicate=False)}
     rows: list[Classified] = []
     rules: list[dict[str, Any]] = []
     for tpl, (cls, shape, rule, why) in found.items():
