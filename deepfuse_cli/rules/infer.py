@@ -214,7 +214,7 @@ def sizes_key(sizes: dict[int, str], role: str) -> int | None:
     return next((n for n, r in sizes.items() if r == role), None)
 
 
-def _config_spec(config: dict, widths: dict[str, str], hidden: str, mlp: str | None) -> dict[str, Any]:
+def _config_spec(cfg: Any, config: dict, widths: dict[str, str], hidden: str, mlp: str | None) -> dict[str, Any]:
     summed = [hidden] + [f for f in ("num_attention_heads", "num_key_value_heads") if f in widths.get("heads", "")
                          + widths.get("kv", "")]
     if mlp is not None:
@@ -222,10 +222,10 @@ def _config_spec(config: dict, widths: dict[str, str], hidden: str, mlp: str | N
     derived: dict[str, str] = {}
     write: list[str] = []
     if "heads" in widths:
-        derived["head_dim"] = f"head_dim or {hidden} // num_attention_heads" if "head_dim" in config \
-            else f"{hidden} // num_attention_heads"
-        if "head_dim" in config:
-            write.append("head_dim")
+        # written explicitly in the fused config: runtimes read head_dim when present (the summed
+        # widths keep hidden // heads only while every source has the same head size, which equal checks)
+        derived["head_dim"] = f"head_dim or {hidden} // num_attention_heads"
+        write.append("head_dim")
     if "kv" in widths:
         derived["num_key_value_heads"] = "num_key_value_heads or num_attention_heads"
         derived["kv_ratio"] = "num_attention_heads / num_key_value_heads"
@@ -287,7 +287,7 @@ def infer_rules(src: str | Path) -> Inference:
         "model_types": [model_type],
         "runtime": {"model_class": "AutoModelForCausalLM", "inputs": "causal"},
         "norms": [{"module": c, "kind": k, "eps": "variance_epsilon|eps"} for c, k in sorted(norms.items())],
-        "config": _config_spec(config, widths, hidden, mlp),
+        "config": _config_spec(cfg, config, widths, hidden, mlp),
         "rules": rules,
     }
     if "output" in names:
