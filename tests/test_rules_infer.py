@@ -11,13 +11,14 @@ embeddings, per-head norms, Conv1D) are refused naming the first such parameter,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import FIXTURES
 from deepfuse_cli.cli import app
+from tests.conftest import FIXTURES
 from tests.helpers import cli, runner
 
 pytest.importorskip("transformers")
@@ -117,3 +118,18 @@ def test_fuse_with_rules_infer_keeps_only_a_function_exact_output(tmp_path):
     assert not (tmp_path / "rule").exists()
     text = cli("self-fuse", HF / "gpt_neox-a", "--rules", "infer", "-o", tmp_path / "neox", "-q", expect=2)
     assert "cannot classify" in text and not (tmp_path / "neox").exists()
+
+
+def test_two_different_sources_fuse_to_the_presets_bytes(tmp_path):
+    a, b = HF / "qwen2-a", HF / "qwen2-b"
+    rules = _infer(a, tmp_path)
+    cli("fuse", a, b, "--rules", rules, "--norm", "prop", "-o", tmp_path / "inferred", "-q")
+    cli("fuse", a, b, "--norm", "prop", "-o", tmp_path / "preset", "-q")
+    inferred, preset = _tensors(tmp_path / "inferred"), _tensors(tmp_path / "preset")
+    assert inferred.keys() == preset.keys() and all(inferred[k].equal(t) for k, t in preset.items())
+
+
+def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    text = cli("rules", "infer", HF / "llama-a", expect=2)
+    assert "pip install 'deepfuse[verify]'" in text

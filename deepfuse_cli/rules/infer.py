@@ -154,7 +154,7 @@ def _norm_kind(module: Any) -> str | None:
 
 def _classify(model: Any, sizes: dict[int, str], vocab: int, positions: int | None) -> tuple[dict, dict, dict]:
     """Template -> (module class, shape, rule or None, why), norm classes, output names."""
-    import torch.nn as nn
+    from torch import nn
 
     out_module = model.get_output_embeddings()
     in_module = model.get_input_embeddings()
@@ -167,10 +167,10 @@ def _classify(model: Any, sizes: dict[int, str], vocab: int, positions: int | No
             shape = tuple(p.shape)
             cls = type(module).__name__
             rule, why = None, ""
-            role = lambda n: sizes.get(n)  # noqa: E731
+            role = sizes.get
             if module is out_module and p_name == "weight":
                 names["output"] = full
-                if shape == (vocab, sizes_key(sizes, "hidden")):
+                if shape == (vocab, _size_of(sizes, "hidden")):
                     rule, why = {"op": "output_average", "axes": ["vocab", "hidden"]}, "output projection"
                 else:
                     why = f"output projection of shape {shape}, not [vocab, hidden]"
@@ -210,7 +210,7 @@ def _classify(model: Any, sizes: dict[int, str], vocab: int, positions: int | No
     return found, norms, names
 
 
-def sizes_key(sizes: dict[int, str], role: str) -> int | None:
+def _size_of(sizes: dict[int, str], role: str) -> int | None:
     return next((n for n, r in sizes.items() if r == role), None)
 
 
