@@ -133,3 +133,10 @@ def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     text = cli("rules", "infer", HF / "llama-a", expect=2)
     assert "pip install 'deepfuse[verify]'" in text
+
+
+def test_only_the_layer_index_is_generalised():
+    from deepfuse_cli.rules.infer import template
+
+    assert template("model.layers.3.mlp.experts.7.w1.weight") == "model.layers.{layer}.mlp.experts.7.w1.weight"
+    assert template("lm_head.weight") == "lm_head.weight"

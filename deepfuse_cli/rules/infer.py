@@ -107,7 +107,7 @@ def _probe_config(config: dict, hidden: str, mlp: str | None) -> dict:
     return probe
 
 
-def _widths(cfg: Any, config: dict, hidden: str, mlp: str | None) -> dict[str, str]:
+def _widths(config: dict, hidden: str, mlp: str | None) -> dict[str, str]:
     """Widened role -> its width expression over config.json."""
     widths = {"hidden": hidden}
     if "num_attention_heads" in config:
@@ -136,7 +136,8 @@ def _role_sizes(cfg: Any, widths: dict[str, str]) -> dict[int, str]:
 
 
 def template(name: str) -> str:
-    return LAYER_INDEX.sub(".{layer}.", name)
+    """The name with its first index (the layer) as ``{layer}``; deeper indices (experts, ...) stay literal."""
+    return LAYER_INDEX.sub(".{layer}.", name, count=1)
 
 
 def _escape(template: str) -> str:
@@ -261,7 +262,7 @@ def infer_rules(src: str | Path) -> Inference:
     mlp = _first(config, MLP_FIELDS)
     vocab = config.get("vocab_size")
     cfg, model = _build(config, src)
-    widths = _widths(cfg, config, hidden, mlp)
+    widths = _widths(config, hidden, mlp)
     try:
         probe_cfg, probe_model = _build(_probe_config(config, hidden, mlp), src)
         sizes = _role_sizes(probe_cfg, widths)
