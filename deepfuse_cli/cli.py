@@ -98,7 +98,7 @@ def command(fn):
 
 
 # ---- shared options -------------------------------------------------------------------------
-RulesOpt = Annotated[Optional[str], typer.Option("--rules", help="Preset name or rules file (default: detected from config.json).")]
+RulesOpt = Annotated[Optional[str], typer.Option("--rules", help="Preset name or rules file (default: detected from config.json); fuse/self-fuse: 'infer' infers them from the first source and keeps the output only if its function check passes.")]
 NormOpt = Annotated[NormMode, typer.Option("--norm", help="Norm mode: 'rule' (stock runtime) or 'prop' (grouped norms, exact).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Comma-separated positive weights, one per source (normalised to sum 1).")]
 NoiseStdOpt = Annotated[float, typer.Option("--noise-std", help="Absolute std of off-diagonal noise (0: exact zeros).")]
@@ -171,8 +171,68 @@ def _build(paths: list[str], options: FuseOptions, rules: str | None, step: int 
     from .rules import load_rules
 
     sources = _open_sources(paths, len(options.weights) if options.self_fusion else None, step, quiet)
-    preset = load_rules(rules) if rules else None
+    preset = _inferred(sources[0])[1] if rules == INFER_RULES else load_rules(rules) if rules else None
     return build_plan(sources, options, preset)
+
+
+#: ``--rules infer``: rules inferred from the first source's model (a fusion kept only if its function check passes)
+INFER_RULES = "infer"
+
+
+def _inferred(ck, partial: bool = False):
+    """Rules inferred from checkpoint ``ck``'s config.json, with every tensor of its files classified
+    (unless ``partial``): (inference, preset); refused naming the first unclassified parameter."""
+    from .errors import RuleError
+    from .plan import virtualise_output
+    from .rules import RuleSet
+    from .rules.infer import Classified, infer_rules, template
+
+    directory = ck.path if ck.path.is_dir() else ck.path.parent
+    inference = infer_rules(directory)
+    preset = inference.validated()
+    refs, _ = virtualise_output(ck, 0, preset)
+    _, unmatched, _, _ = RuleSet(preset).coverage(list(refs))
+    known = {r.template for r in inference.rows}
+    for n in unmatched:
+        if (tpl := template(n)) not in known:
+            known.add(tpl)
+            inference.rows.append(Classified(tpl, "-", tuple(refs[n].shape), None, "in the files, but no parameter "
+                                             "of the model transformers builds has this name (renamed on load?)"))
+    missing = inference.unclassified
+    if missing and not partial:
+        first = missing[0]
+        raise RuleError(f"{directory}: cannot infer rules: cannot classify {first.template} ({first.module}, "
+                        f"{first.why}); {len(missing)} parameter(s) unclassified",
+                        f"`deepfuse rules infer {directory}` lists them; write rules for them by hand "
+                        "(--partial emits the rest), starting from `deepfuse rules show llama --json`")
+    return inference, preset
+
+
+def _check_inferred(plan, output: Path, quiet: bool) -> None:
+    """Keep a fusion made with inferred rules only if verify's function check passes on it."""
+    import shutil
+    import tempfile
+
+    from .errors import RuleError
+    from .verify import VerifyOptions, run_verify
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rules_file = Path(tmp) / "inferred-rules.json"
+        rules_file.write_text(json.dumps(plan.preset.model_dump(mode="json", exclude_defaults=True)))
+        report = run_verify(output, VerifyOptions(rules=str(rules_file)))
+    function = [c for c in report.checks if c.name.startswith("function")]
+    bad = next((c for c in report.checks if c.status == "fail"), None) or next(
+        (c for c in function if c.status != "pass"), None)
+    if bad is not None or not function:
+        shutil.rmtree(output, ignore_errors=True)
+        why = f"{bad.name}: {bad.message}" if bad is not None else "no function check ran"
+        hint = ("inferred rules are kept only where the fused function is exact: fuse different sources with "
+                "--norm prop" if bad is not None and bad.status == "expected" else
+                "write the family's rules by hand, starting from `deepfuse rules infer SRC --partial`")
+        raise RuleError(f"{output}: removed: the rules inferred for {plan.preset.model_types[0]} do not give the "
+                        f"fused function ({why})", hint)
+    if not quiet:
+        err.print(f"inferred rules: the function check passes ({function[0].message})", highlight=False)
 
 
 #: options that change how a run reports, not what it writes: left out of the command a model card shows
@@ -348,7 +408,9 @@ def fuse(
     options = _fuse_options(len(sources), locals())
     _hash_ahead(sources, output, dry_run)
     plan = _build(sources, options, rules, step, quiet)
-    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify, ctx)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify and rules != INFER_RULES, ctx)
+    if rules == INFER_RULES and not dry_run:
+        _check_inferred(plan, output, quiet)
 
 
 @app.command("self-fuse")
@@ -375,7 +437,9 @@ def self_fuse(
     options = _fuse_options(times, locals(), self_fusion=True)
     _hash_ahead([source], output, dry_run)
     plan = _build([source], options, rules, step, quiet)
-    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify, ctx)
+    _plan_or_run(plan, output, dry_run, force, quiet, as_json, verify and rules != INFER_RULES, ctx)
+    if rules == INFER_RULES and not dry_run:
+        _check_inferred(plan, output, quiet)
 
 
 @app.command()
@@ -634,6 +698,54 @@ def rules_check(
     if not ok:
         raise RuleError(f"rules {preset.name} do not cover {model} one-to-one",
                         "add or fix rules (unmatched / ambiguous), or mark unused rules optional")
+
+
+@rules_app.command("infer")
+@command
+def rules_infer(
+    source: Annotated[Path, typer.Argument(help="A Hugging Face model directory (config.json) of a family no preset names.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the rules file here (default: stdout).")] = None,
+    partial: Annotated[bool, typer.Option("--partial", help="Also emit the rules when some parameters are unclassified (still exit 2).")] = False,
+    force: ForceOpt = False, as_json: JsonOpt = False,
+):
+    """Infer a rules file from the model transformers builds for SRC's config.json (meta device, no weights).
+
+    Example: deepfuse rules infer my-model/ -o my-family.json && deepfuse self-fuse my-model/ --rules my-family.json
+    """
+    from .errors import RuleError
+
+    if output is not None and output.exists() and not force:
+        raise UsageError(f"{output} exists", "pass --force to overwrite it, or choose another -o")
+    [ck] = _open_sources([str(source)], None, None)
+    inference, preset = _inferred(ck, partial=True)
+    rules = preset.model_dump(mode="json", exclude_defaults=True)
+    missing = inference.unclassified
+    table = Table(title=f"{source}: {len(inference.rows) - len(missing)} of {len(inference.rows)} parameters classified")
+    for col in ("parameter", "module", "shape (probe)", "op", "axes", "why"):
+        table.add_column(col, overflow="fold")
+    for r in inference.rows:
+        op = r.rule["op"] if r.rule else Text("unclassified", style="red")
+        table.add_row(r.template, r.module, "x".join(map(str, r.shape)), op,
+                      ", ".join(r.rule["axes"]) if r.rule else "-", r.why)
+    emit = not missing or partial
+    text = json.dumps(rules, indent=2) + "\n"
+    if as_json:
+        out.print_json(json.dumps({"rules": rules if emit else None, "classified": len(inference.rows) - len(missing),
+                                   "unclassified": [{"parameter": r.template, "module": r.module, "shape": list(r.shape),
+                                                     "why": r.why} for r in missing]}))
+    else:
+        err.print(table)
+    if emit and output is not None:
+        output.write_text(text)
+        err.print(f"wrote {output}: {len(rules['rules'])} rules; review it, then check it: "
+                  f"deepfuse rules check {output} {source}", highlight=False)
+    elif emit and not as_json:
+        out.print(text, end="", highlight=False)
+    if missing:
+        first = missing[0]
+        raise RuleError(f"{source}: cannot classify {first.template} ({first.module}, {first.why}); "
+                        f"{len(missing)} parameter(s) unclassified",
+                        "write rules for them by hand (--partial emits the rest), starting from `deepfuse rules show llama --json`")
 
 
 def version_callback(value: bool):

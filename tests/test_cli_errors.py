@@ -101,9 +101,9 @@ def test_output_inside_input_is_refused(hf_fixtures, tmp_path):
 def test_unknown_family_and_non_checkpoints(hf_fixtures, tmp_path):
     weird = tmp_path / "weird"
     weird.mkdir()
-    (weird / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (weird / "config.json").write_text(json.dumps({"model_type": "xlnet"}))
     (weird / "model.safetensors").write_bytes((hf_fixtures / "llama-a" / "model.safetensors").read_bytes())
-    refused("self-fuse", weird, "-o", tmp_path / "out", contains=["unknown architecture family", "'bert'", "--rules"])
+    refused("self-fuse", weird, "-o", tmp_path / "out", contains=["unknown architecture family", "'xlnet'", "--rules"])
     empty = tmp_path / "empty"
     empty.mkdir()
     refused("self-fuse", empty, "-o", tmp_path / "out", contains=["no model weights found"])

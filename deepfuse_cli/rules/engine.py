@@ -93,7 +93,8 @@ def preset_for_config(config: dict | None, origin: str) -> Preset:
     what = f"model_type {model_type!r}" if model_type else "no config.json model_type"
     raise RuleError(
         f"{origin}: unknown architecture family ({what})",
-        f"pass --rules with a preset ({', '.join(list_presets())}) or your own rules file",
+        f"pass --rules with a preset ({', '.join(list_presets())}) or your own rules file; `deepfuse rules infer "
+        "MODEL` drafts one from the model (or fuse with --rules infer)",
     )
 
 
