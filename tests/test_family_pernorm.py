@@ -7,7 +7,7 @@
   each role's groups are recorded in config.json and grouped norms pick them by the rule of the norm.
 * OLMo (1): LayerNorms without parameters, grouped by width; clip_qkv.
 * Llama 3 rope scaling (rope_parameters as transformers 5 saves it).
-* mT5: T5 v1.1-shaped; exact with the t5 rules when they list model_type 'mt5'. UMT5: its own
+* mT5: T5 v1.1-shaped; the t5 family lists model_type 'mt5'. UMT5: its own
   preset (a relative attention bias in every self-attention layer).
 """
 
@@ -179,14 +179,14 @@ def test_llama3_sources_with_other_rope_scaling_are_refused(hf_fixtures, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-# -- mT5 (the t5 rules, listing model_type 'mt5') and UMT5 (its own preset) ---------------------------
+# -- mT5 (the t5 family lists model_type 'mt5') and UMT5 (its own preset) ---------------------------
 
 def seq2seq_outputs(path):
     import transformers
 
     config = json.loads((path / "config.json").read_text())
-    # mT5 in the t5 family's runtime (grouped norms find the family of model_type 't5' only by a built-in preset)
-    cls = {"mt5": transformers.T5ForConditionalGeneration, "umt5": transformers.UMT5ForConditionalGeneration}
+    # mT5 in its own class (its norms are MT5LayerNorm, which the t5 family's norms list)
+    cls = {"mt5": transformers.MT5ForConditionalGeneration, "umt5": transformers.UMT5ForConditionalGeneration}
     model, info = cls[config["model_type"]].from_pretrained(str(path), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     if config.get("deepfuse_norm_groups"):
@@ -199,11 +199,7 @@ def seq2seq_outputs(path):
 
 @pytest.mark.parametrize("family", ["mt5", "umt5"])
 def test_mt5_and_umt5_are_exact(family, hf_fixtures, tmp_path):
-    rules = []
-    if family == "mt5":
-        data = load_preset("t5").model_dump(mode="json")
-        (tmp_path / "mt5.json").write_text(json.dumps({**data, "model_types": [*data["model_types"], "mt5"]}))
-        rules = ["--rules", tmp_path / "mt5.json"]
+    rules = []  # mT5 is detected as the t5 family (model_type 'mt5'), UMT5 as its own
     a, b = seq2seq_outputs(hf_fixtures / f"{family}-a"), seq2seq_outputs(hf_fixtures / f"{family}-b")
     cli("self-fuse", hf_fixtures / f"{family}-a", *rules, "-o", tmp_path / "self", "-q")
     assert_fused_function(*seq2seq_outputs(tmp_path / "self"), [a, a], [0.5, 0.5])
