@@ -405,7 +405,7 @@ def test_verify_integrity_does_not_follow_links_out_of_the_checkpoint(fused, tmp
 def test_manifest_round_trips_byte_for_byte(fused):
     text = (fused / "deepfuse.json").read_text()
     assert Manifest.read(fused / "deepfuse.json").dumps() == text
-    assert Manifest.model_validate_json(text).model_dump(mode="json") == json.loads(text)
+    assert json.loads(Manifest.model_validate_json(text).dumps()) == json.loads(text)
 
 
 @pytest.mark.parametrize("change, contains", [
