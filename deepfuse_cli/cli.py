@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import os
 import signal
 import time
@@ -631,9 +632,11 @@ def rules_list(as_json: JsonOpt = False):
     table = Table(title="deepfuse presets (one per model family)")
     for col in ("name", "model_type", "namings", "rules", "description"):
         table.add_column(col, overflow="fold")
-    for p in presets:
-        table.add_row(p.name, ", ".join(p.model_types), ", ".join(p.namings), str(len(p.rules)), p.description)
+    for p in presets:  # the description's first clause; `rules show NAME` prints it whole
+        summary = re.split(r"[:;(]|\. ", p.description, maxsplit=1)[0].strip().rstrip(".")
+        table.add_row(p.name, ", ".join(p.model_types), ", ".join(p.namings), str(len(p.rules)), summary)
     out.print(table)
+    out.print("`deepfuse rules show NAME` prints a family's whole description and rules", style="dim")
 
 
 @rules_app.command("show")
