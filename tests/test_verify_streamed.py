@@ -187,3 +187,17 @@ def test_no_runtime_is_never_a_silent_pass(tmp_path):
     assert {c["name"]: c["status"] for c in data["checks"]}["tensors: decomposition"] == "pass"
     ok = verify_json(tmp_path / "out", "--rules", path, "--no-function")
     assert ok["passed"] and {c["name"]: c["status"] for c in ok["checks"]}["function"] == "skip"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2-gqa", "gemma3_text"])
+def test_grouped_norms_per_role_and_per_head_stream_too(family, tmp_path):
+    """Different sources with --norm prop whose grouped norms need more than the hidden groups (OLMo 2's
+    q/k norms under GQA; Qwen3's and Gemma 3's per-head scales from the file beside the weights): the
+    fused model is still run one layer at a time, and exact."""
+    out = tmp_path / "ab"
+    cli("fuse", FIXTURES / f"{family}-a", FIXTURES / f"{family}-b", "--norm", "prop", "-o", out, "-q")
+    report = json.loads(cli("verify", out, "--json"))
+    assert report["passed"], report
+    assert report["meta"]["function_loading"] == {"sources": "streamed", "fused": "streamed"}
+    function = next(c for c in report["checks"] if c["name"].startswith("function: logits"))
+    assert function["status"] == "pass" and function["figures"]["relative_max_error"] < 1e-5

@@ -27,6 +27,7 @@ import torch
 
 from ..architectures import Family
 from ..errors import DeepfuseError, InputError
+from ..formats.hf import HEAD_NORMS_FILE
 from ..formats.registry import for_checkpoint
 from ..ir import Checkpoint
 from ..rules.expr import evaluate
@@ -182,15 +183,13 @@ def _hf_forward(view: ModelView, cls: ModelClass, inputs: dict[str, torch.Tensor
                 *, role_groups: dict[str, list[int]] | None = None) -> Outputs:
     """Logits and hidden states (fp32) of the model ``view`` holds, one layer's weights at a time; when
     transformers converts some tensors while loading (not a renaming), the whole model from its directory.
-    ``role_groups`` (given when grouped norms need more than the hidden groups: norms over other widths,
-    per-head norm scales beside the weights): the whole model from its directory, where they are found."""
-    if groups and role_groups is not None and view.directory is not None:
-        logits, hidden = _whole_forward(view.directory, cls, inputs, groups, role_groups=role_groups)
-        return logits, hidden, {"loading": "whole model", "why": "grouped norms over other widths or per head"}
+    ``role_groups`` (given when grouped norms need more than the hidden groups): the groups of norms over
+    other widths, and the per-head norm scales read from the file beside the weights."""
+    head_norms = _head_norms(view) if groups and role_groups is not None else None
     try:
         encoder = {k: inputs[k] for k in ("attention_mask", "token_type_ids")} if cls.inputs == "encoder" else None
         logits, hidden, held = run_streamed(cls, view.weights, inputs["input_ids"], inputs.get("decoder_input_ids"), groups,
-                                            encoder)
+                                            encoder, role_groups=role_groups, head_norms=head_norms)
         if bool(torch.isfinite(logits).all()) or view.directory is None:
             return logits, hidden, {"loading": "streamed", "weight_bytes_held": held}
         why = "the streamed forward gave non-finite logits (a weight used outside its module's forward?)"
@@ -198,8 +197,24 @@ def _hf_forward(view: ModelView, cls: ModelClass, inputs: dict[str, torch.Tensor
         if view.directory is None:
             raise
         why = str(exc)
-    logits, hidden = _whole_forward(view.directory, cls, inputs, groups)
+    logits, hidden = _whole_forward(view.directory, cls, inputs, groups, role_groups=role_groups)
     return logits, hidden, {"loading": "whole model", "why": why}
+
+
+def _head_norms(view: ModelView) -> dict[str, torch.Tensor]:
+    """The per-head norm scales written beside the fused weights (none when the sources agreed); a
+    config.json that names the file when it is not there is an error."""
+    from safetensors.torch import load_file
+
+    from ..grouped_norm import HEAD_NORMS_KEY
+
+    path = view.directory / HEAD_NORMS_FILE if view.directory is not None else None
+    if path is not None and path.is_file():
+        return load_file(str(path))
+    if view.weights.config.get(HEAD_NORMS_KEY):
+        raise ValueError(f"config.json names per-head norms {view.weights.config[HEAD_NORMS_KEY]!r}, but "
+                         f"{path or HEAD_NORMS_FILE} is not there")
+    return {}
 
 
 def _whole_forward(path: Path, cls: ModelClass, inputs: dict[str, torch.Tensor], groups: list[int] | None,

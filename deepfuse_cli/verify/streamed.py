@@ -180,7 +180,8 @@ class _Slot:
 class StreamedModel:
     """A transformers model of ``weights`` whose forward loads each unit's weights (fp32) just in time."""
 
-    def __init__(self, cls: ModelClass, weights: Weights, groups: list[int] | None = None):
+    def __init__(self, cls: ModelClass, weights: Weights, groups: list[int] | None = None, *,
+                 role_groups: dict[str, list[int]] | None = None, head_norms: dict[str, torch.Tensor] | None = None):
         transformers = _transformers()
         cfg = config_object(weights.config)
         build = getattr(cls.cls, "from_config", None) or cls.cls._from_config
@@ -196,10 +197,12 @@ class StreamedModel:
             for attr, p in list(module._parameters.items()):
                 if p is not None:
                     module._parameters[attr] = placeholders.setdefault(id(p), _placeholder(p))
+        # the parameters read from the checkpoint; grouped modules may add their own (per-head norm scales)
+        self._placeholder_ids = {id(p) for p in placeholders.values()}
         if groups:
             from ..grouped_norm import apply_grouped_norms
 
-            apply_grouped_norms(model, groups)
+            apply_grouped_norms(model, groups, role_groups=role_groups, head_norms=head_norms or {})
         self.model = model
         self.loaded_bytes = 0  # the most parameter bytes loaded at once (fp32)
         tensors = _renamed(model, weights.tensors)
@@ -211,7 +214,8 @@ class StreamedModel:
     def _aliases(self) -> dict[int, list[str]]:
         names: dict[int, list[str]] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
+            if id(p) in self._placeholder_ids:
+                names.setdefault(id(p), []).append(name)
         return names
 
     def _check_names(self, tensors: Mapping[str, TensorRef]) -> None:
@@ -283,7 +287,7 @@ class StreamedModel:
             slots = []
             for owner in owners:
                 for attr, p in owner._parameters.items():
-                    if p is None:
+                    if p is None or id(p) not in self._placeholder_ids:
                         continue
                     # its own name first: transformers unties parameters the checkpoint holds twice
                     own = [f"{m}.{attr}" if m else attr for m in module_names[id(owner)]]
@@ -439,10 +443,11 @@ def _non_persistent_buffers(model: nn.Module):
 
 
 def run_streamed(cls: ModelClass, weights: Weights, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None,
-                 groups: list[int] | None = None, encoder_inputs: dict[str, torch.Tensor] | None = None
+                 groups: list[int] | None = None, encoder_inputs: dict[str, torch.Tensor] | None = None, *,
+                 role_groups: dict[str, list[int]] | None = None, head_norms: dict[str, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """The probes through the model of ``weights``: logits, hidden states, the most weight bytes held at once."""
-    model = StreamedModel(cls, weights, groups)
+    model = StreamedModel(cls, weights, groups, role_groups=role_groups, head_norms=head_norms)
     try:
         logits, hidden = model.forward(cls.inputs, input_ids, decoder_input_ids, encoder_inputs)
         return logits, hidden, model.loaded_bytes
