@@ -122,7 +122,7 @@ class NamingName(_Strict):
 
 
 class Rule(_AddedFields):
-    ADDED: ClassVar[tuple[str, ...]] = ("per_head", "head_axis")
+    ADDED: ClassVar[tuple[str, ...]] = ("runtime_scale", "per_head", "head_axis")
 
     pattern: str = Field(description="full-name regular expression; {layer} matches a layer number")
     op: str = Field(description="the fusion op (`deepfuse rules show` lists them)")
@@ -291,8 +291,10 @@ class OutputSpec(_AddedFields):
         return _valid_expression(LEGACY_SCALES.get(v, v))
 
 
-class ConfigSpec(_Strict):
+class ConfigSpec(_AddedFields):
     """How config.json widens: summed widths, fields that must agree, fields set in the output."""
+
+    ADDED: ClassVar[tuple[str, ...]] = ("require", "refuse")
 
     sum: list[str] = Field(default_factory=list)
     equal: list[str] = Field(default_factory=list)
@@ -426,7 +428,9 @@ class MoeSpec(_Strict):
         return _valid_expression(v)
 
 
-class Preset(_Strict):
+class Preset(_AddedFields):
+    ADDED: ClassVar[tuple[str, ...]] = ("deviations", "moe")
+
     name: str
     description: str = ""
     model_types: list[str] = Field(
@@ -447,14 +451,6 @@ class Preset(_Strict):
     @classmethod
     def _naming(cls, v: str) -> str:
         return _known_naming(v)
-
-    @model_serializer(mode="wrap")
-    def _without_absent_moe(self, handler):
-        """A family without experts dumps (and digests) as it did before ``moe`` existed."""
-        data = handler(self)
-        if self.moe is None and isinstance(data, dict):
-            data.pop("moe", None)
-        return data
 
     @property
     def namings(self) -> list[str]:
